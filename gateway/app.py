@@ -1,0 +1,70 @@
+"""`create_app(settings)`: routes, middleware and resource lifecycles."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.catalog import ModelCatalog
+from gateway.config import Settings
+from gateway.errors import ShuttingDown
+from gateway.health import get_healthz, get_readyz, list_models
+from gateway.keys import Lifecycle, catalog_key, lifecycle_key, registry_key, settings_key
+from gateway.middleware import echo_request_id, error_middleware, request_id_middleware
+from gateway.registry import GenerationRegistry
+from gateway.transports.chunked import stream_chunked
+from gateway.transports.generations import (
+    create_generation,
+    delete_generation,
+    generation_events,
+)
+from gateway.transports.sse import stream_sse
+from gateway.transports.websocket import stream_ws
+
+
+async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[catalog_key] = ModelCatalog(app[settings_key])
+    yield
+    await app[catalog_key].aclose()
+
+
+async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[registry_key] = GenerationRegistry(app[settings_key].streams)
+    yield
+    await app[registry_key].aclose()
+
+
+async def stop_generations_on_shutdown(app: web.Application) -> None:
+    """Refuse new streams and end running ones with a retryable `shutting_down` error."""
+    app[lifecycle_key].draining = True
+    app[registry_key].stop_all(ShuttingDown("server is shutting down; resume or retry elsewhere"))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/readyz", get_readyz)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/stream/chunked", stream_chunked)
+    app.router.add_route("GET", "/v1/stream/sse", stream_sse)
+    app.router.add_route("POST", "/v1/stream/sse", stream_sse)
+    app.router.add_get("/v1/stream/ws", stream_ws)
+    app.router.add_post("/v1/generations", create_generation)
+    app.router.add_get("/v1/generations/{generation_id}/events", generation_events)
+    app.router.add_delete("/v1/generations/{generation_id}", delete_generation)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app.on_response_prepare.append(echo_request_id)
+    app[settings_key] = settings
+    app[lifecycle_key] = Lifecycle()
+    add_routes(app)
+    # Torn down in reverse: generations stop before their providers close.
+    app.cleanup_ctx.append(catalog_ctx)
+    app.cleanup_ctx.append(registry_ctx)
+    app.on_shutdown.append(stop_generations_on_shutdown)
+    return app

@@ -1,0 +1,244 @@
+"""Settings: the contract's `config.yaml` keys as pydantic models.
+
+Loading order: YAML file, then `${VAR}` interpolation inside string values,
+then `GATEWAY__SECTION__KEY` environment overrides, then validation. Any
+failure is a `ConfigError` whose message is one line naming the bad key, so
+a broken deploy says what to fix instead of printing a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from gateway.schema import describe_validation_error
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a one-line message naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Section):
+    requests_per_minute: int = Field(default=60, ge=0)
+    tokens_per_minute: int = Field(default=100_000, ge=0)
+    concurrent_streams: int = Field(default=5, ge=0)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    shutdown_grace_s: float = Field(default=20, ge=0)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+class StreamSettings(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    heartbeat_s: float = Field(default=15, gt=0)
+    resume_grace_s: float = Field(default=10, ge=0)
+    retention_s: float = Field(default=60, ge=0)
+    #: Extension of the contract: the bound on finished logs kept for resume.
+    retention_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    write_timeout_s: float = Field(default=30, gt=0)
+    max_per_socket: int = Field(default=4, ge=1)
+    #: Extension of the contract: the SSE `retry:` sent in the first frame.
+    sse_retry_ms: int = Field(default=1000, ge=0)
+
+
+class SimulatedModel(_Section):
+    name: str = Field(min_length=1)
+    provider: Literal["simulated"]
+    tokens_per_second: float = Field(default=50, gt=0)
+    first_token_ms: float = Field(default=150, ge=0)
+    fail_after_tokens: int | None = Field(default=None, ge=0)
+
+
+class OpenAIModel(_Section):
+    name: str = Field(min_length=1)
+    provider: Literal["openai"]
+    base_url: str = "https://api.openai.com/v1"
+    api_key: SecretStr | None = None
+    upstream_model: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(default=60, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=10)
+    fallbacks: tuple[str, ...] = ()
+
+
+ModelSettings = Annotated[SimulatedModel | OpenAIModel, Field(discriminator="provider")]
+
+
+class ApiKey(_Section):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    limits: Limits | None = None
+
+
+class JwtSettings(_Section):
+    algorithms: tuple[Literal["HS256", "RS256"], ...] = ("HS256",)
+    secret: SecretStr | None = None
+    public_key: str | None = None
+    jwks_url: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+
+
+class AuthSettings(_Section):
+    anonymous: bool = True
+    api_keys: tuple[ApiKey, ...] = ()
+    jwt: JwtSettings | None = None
+    query_token: bool = True
+    cookie: str | None = None
+
+
+class RateLimitSettings(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    fail_open: bool = True
+    default: Limits = Limits()
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    streams: StreamSettings = StreamSettings()
+    models: tuple[ModelSettings, ...] = Field(
+        default=(SimulatedModel(name="sim-1", provider="simulated"),), min_length=1
+    )
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    redis: RedisSettings = RedisSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _check_cross_references(self) -> Settings:
+        names = [m.name for m in self.models]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ValueError(f"models.{index}.name: duplicate model name {name!r}")
+        for index, model in enumerate(self.models):
+            for fallback in getattr(model, "fallbacks", ()):
+                if fallback not in names:
+                    raise ValueError(f"models.{index}.fallbacks: unknown model {fallback!r}")
+        if self.auth.anonymous and not is_loopback(self.server.host):
+            raise ValueError(
+                "auth.anonymous: anonymous access is refused unless server.host is a "
+                f"loopback address (server.host is {self.server.host!r})"
+            )
+        return self
+
+    def model(self, name: str) -> ModelSettings | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_PREFIX = "GATEWAY__"
+
+
+def _interpolate(value: Any, env: Mapping[str, str], where: str) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string of the tree."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{where}{k}.") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{where}{i}.") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where.rstrip('.')}: environment variable {name} is not set")
+
+    return _VAR.sub(replace, value)
+
+
+def _apply_overrides(tree: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Apply `GATEWAY__SECTION__KEY=value`; values are parsed as YAML scalars."""
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"{name}: malformed override name")
+        try:
+            value = yaml.safe_load(env[name])
+        except yaml.YAMLError:
+            value = env[name]
+        _set_path(tree, path, value, name)
+    return tree
+
+
+def _set_path(tree: Any, path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin}: no list item {part!r}")
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+            if not last and not isinstance(node.get(key), dict | list):
+                node[key] = {}
+        else:
+            raise ConfigError(f"{origin}: {'.'.join(path[:depth])} is not a section")
+        if last:
+            node[key] = value
+        else:
+            node = node[key]
+
+
+def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, interpolate, override and validate. Raises `ConfigError`."""
+    env = os.environ if env is None else env
+    tree: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: invalid YAML{line}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    tree = _apply_overrides(_interpolate(tree, env, ""), env)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None

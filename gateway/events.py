@@ -1,0 +1,75 @@
+"""Events of a generation log, encoded once per wire format.
+
+An event's JSON body (`{"type":…,"seq":…,…fields}`) is serialised once when
+it is appended; each transport then derives its framing from that body and
+caches it on the event, so a thousand subscribers of one generation cost one
+encoding per format, not a thousand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import orjson
+
+EventType = Literal["start", "token", "done", "error"]
+TERMINAL_TYPES: frozenset[str] = frozenset({"done", "error"})
+
+
+def scrub_surrogates(text: str) -> str:
+    """Replace lone UTF-16 surrogates (not encodable as UTF-8) by U+FFFD.
+
+    Paired surrogates are joined into the character they encode.
+    """
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub_surrogates(value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    return value
+
+
+class Event:
+    """One entry of a generation's log."""
+
+    __slots__ = ("_cache", "fields", "generation_id", "json", "seq", "type")
+
+    def __init__(
+        self, generation_id: str, type: EventType, seq: int, fields: dict[str, Any]
+    ) -> None:
+        self.generation_id = generation_id
+        self.type = type
+        self.seq = seq
+        try:
+            self.json = orjson.dumps({"type": type, "seq": seq, **fields})
+        except orjson.JSONEncodeError:
+            fields = _scrub(fields)
+            self.json = orjson.dumps({"type": type, "seq": seq, **fields})
+        self.fields = fields
+        self._cache: dict[str, bytes] = {}
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    @property
+    def event_id(self) -> str:
+        """The resumable id, `<generation_id>:<seq>` (SSE `id:` field)."""
+        return f"{self.generation_id}:{self.seq}"
+
+    def encoded(self, wire_format: str, encode: Callable[[Event], bytes]) -> bytes:
+        """`encode(self)`, computed once per wire format."""
+        data = self._cache.get(wire_format)
+        if data is None:
+            data = self._cache[wire_format] = encode(self)
+        return data
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "seq": self.seq, **self.fields}
+
+    def __repr__(self) -> str:
+        return f"Event({self.event_id}, {self.type})"

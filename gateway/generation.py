@@ -1,0 +1,221 @@
+"""A generation: one upstream call in its own task, and its in-order event log.
+
+Transports never talk to the provider. They `subscribe()` from a seq and
+follow the log; when the last subscriber of an unfinished generation leaves,
+a grace timer starts and, unless somebody re-attaches, cancels the task,
+which closes the upstream request (the provider's `finally` runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from gateway.errors import GatewayError, InternalError, UpstreamError
+from gateway.events import Event, EventType
+from gateway.providers.base import Finish, Provider, Usage
+from gateway.schema import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+#: Why a generation was stopped early; `None` while it runs on its own.
+StopCause = Literal["client_disconnected", "cancelled", "shutdown"]
+
+
+def estimate_prompt_tokens(request: GenerationRequest) -> int:
+    """About four characters a token, at least one per message."""
+    return sum(max(1, math.ceil(len(m.content) / 4)) for m in request.chat)
+
+
+class Generation:
+    """Owns one provider stream; appends `start`, `token`…, `done`|`error`."""
+
+    def __init__(
+        self,
+        *,
+        generation_id: str,
+        principal: str,
+        model: str,
+        request: GenerationRequest,
+        provider: Provider,
+        resume_grace_s: float,
+        on_finished: Callable[[Generation], None],
+    ) -> None:
+        self.id = generation_id
+        self.principal = principal
+        self.model = model
+        self.request = request
+        self.provider = provider
+        self.created = int(time.time())
+        self.events: list[Event] = []
+        self.size_bytes = 0
+        self.subscribers = 0
+        self.stop_cause: StopCause | None = None
+        self._grace_s = resume_grace_s
+        self._grace_timer: asyncio.TimerHandle | None = None
+        self._on_finished = on_finished
+        self._appended = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._shutdown_error: GatewayError | None = None
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Log `start` and launch the provider task; unattached, the grace clock runs."""
+        self._append(
+            "start", {"generation_id": self.id, "model": self.model, "created": self.created}
+        )
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"generation {self.id}")
+        self._task.add_done_callback(self._task_done)
+        # Armed on the next loop turn: a handler that starts a generation
+        # subscribes synchronously right after, before this runs.
+        loop.call_soon(self._arm_grace_timer)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.events) and self.events[-1].terminal
+
+    @property
+    def terminal_seq(self) -> int | None:
+        return self.events[-1].seq if self.finished else None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.events) - 1 if not self.finished else len(self.events) - 2
+
+    def cancel(self, cause: StopCause = "cancelled", error: GatewayError | None = None) -> None:
+        """Stop the upstream. The log ends with `done{cancelled}`, or `error` if given."""
+        if self.finished or self._task is None or self._task.done():
+            return
+        if self.stop_cause is None:
+            self.stop_cause = cause
+        self._shutdown_error = error
+        self._task.cancel()
+
+    async def wait(self) -> None:
+        """Wait until the provider task has ended (the log is terminal then)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        finish: Finish | None = None
+        try:
+            async for item in self.provider.stream(self.request):
+                if isinstance(item, Finish):
+                    finish = item
+                    break
+                if item:
+                    self._append("token", {"text": item})
+            if finish is None:
+                raise UpstreamError("upstream ended the stream without a finish reason")
+            self._append(
+                "done", {"finish_reason": finish.finish_reason, "usage": finish.usage.as_dict()}
+            )
+        except asyncio.CancelledError:
+            self._append_stopped()
+        except GatewayError as exc:
+            self._append("error", exc.event_fields())
+        except Exception:
+            log.exception("generation failed", extra={"generation_id": self.id})
+            self._append("error", InternalError("internal error in the generation").event_fields())
+
+    def _append_stopped(self) -> None:
+        if self._shutdown_error is not None:
+            self._append("error", self._shutdown_error.event_fields())
+        else:
+            self._append("done", {"finish_reason": "cancelled", "usage": self._usage().as_dict()})
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never enters `_run`'s body.
+        if not self.finished:
+            self._append_stopped()
+        self._cancel_grace_timer()
+        self._on_finished(self)
+
+    def _usage(self) -> Usage:
+        return Usage(estimate_prompt_tokens(self.request), self.completion_tokens)
+
+    # -- the log ------------------------------------------------------------
+
+    def _append(self, type: EventType, fields: dict[str, Any]) -> None:
+        event = Event(self.id, type, len(self.events), fields)
+        self.events.append(event)
+        self.size_bytes += len(event.json)
+        # Wake every waiting subscriber; later waiters use a fresh Event.
+        appended, self._appended = self._appended, asyncio.Event()
+        appended.set()
+
+    def subscribe(self, after_seq: int = -1) -> Subscription:
+        """Follow the log from the event after `after_seq` (-1: from `start`)."""
+        return Subscription(self, after_seq)
+
+    # -- attach / detach: disconnect detection ----------------------------
+
+    def _attach(self) -> None:
+        self.subscribers += 1
+        self._cancel_grace_timer()
+
+    def _detach(self) -> None:
+        self.subscribers -= 1
+        if self.subscribers == 0:
+            self._arm_grace_timer()
+
+    def _arm_grace_timer(self) -> None:
+        if self.finished or self.subscribers or self.request.on_disconnect == "finish":
+            return
+        if self._grace_s <= 0:
+            self.cancel("client_disconnected")
+        elif self._grace_timer is None:
+            loop = asyncio.get_running_loop()
+            self._grace_timer = loop.call_later(self._grace_s, self.cancel, "client_disconnected")
+
+    def _cancel_grace_timer(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+
+
+class Subscription:
+    """A reader's position in a generation log; attached while open.
+
+    `next_batch` is safe to cancel: the position only moves when it returns.
+    """
+
+    __slots__ = ("_generation", "_next", "_open")
+
+    def __init__(self, generation: Generation, after_seq: int) -> None:
+        self._generation = generation
+        self._next = max(after_seq + 1, 0)
+        self._open = False
+
+    def __enter__(self) -> Subscription:
+        if not self._open:
+            self._generation._attach()
+            self._open = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._generation._detach()
+
+    async def next_batch(self) -> list[Event] | None:
+        """All events not yet returned, waiting for at least one; None after the terminal one."""
+        generation = self._generation
+        while True:
+            events = generation.events
+            if self._next < len(events):
+                batch = events[self._next :]
+                self._next = len(events)
+                return batch
+            if generation.finished:
+                return None
+            await generation._appended.wait()

@@ -1,0 +1,105 @@
+"""The memory backend of the generation store: ids, ownership and retention.
+
+Finished logs stay `streams.retention_s` for late resumes; their total size
+is bounded by `streams.retention_max_bytes`, evicting the oldest first, so a
+burst of long answers cannot grow the process without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import OrderedDict
+
+from gateway.config import StreamSettings
+from gateway.errors import GatewayError, GenerationNotFound
+from gateway.generation import Generation
+from gateway.providers.base import Provider
+from gateway.schema import GenerationRequest
+
+ID_PREFIX = "gen_"
+
+
+def new_generation_id() -> str:
+    """`gen_` and 22 URL-safe characters: 128 random bits."""
+    return ID_PREFIX + secrets.token_urlsafe(16)
+
+
+class GenerationRegistry:
+    """Maps unguessable ids to running and recently finished generations."""
+
+    def __init__(self, settings: StreamSettings) -> None:
+        self._settings = settings
+        self._running: dict[str, Generation] = {}
+        self._finished: OrderedDict[str, Generation] = OrderedDict()
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._finished_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._running) + len(self._finished)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def finished_bytes(self) -> int:
+        return self._finished_bytes
+
+    def start(
+        self, request: GenerationRequest, *, principal: str, model: str, provider: Provider
+    ) -> Generation:
+        generation = Generation(
+            generation_id=new_generation_id(),
+            principal=principal,
+            model=model,
+            request=request,
+            provider=provider,
+            resume_grace_s=self._settings.resume_grace_s,
+            on_finished=self._retain,
+        )
+        self._running[generation.id] = generation
+        generation.start()
+        return generation
+
+    def get(self, generation_id: str, principal: str) -> Generation:
+        """The generation if it exists and belongs to `principal`; else 404."""
+        generation = self._running.get(generation_id) or self._finished.get(generation_id)
+        if generation is None or not secrets.compare_digest(generation.principal, principal):
+            raise GenerationNotFound(f"generation {generation_id[:64]!r} not found")
+        return generation
+
+    def _retain(self, generation: Generation) -> None:
+        self._running.pop(generation.id, None)
+        if self._settings.retention_s <= 0:
+            return
+        self._finished[generation.id] = generation
+        self._finished_bytes += generation.size_bytes
+        loop = asyncio.get_running_loop()
+        self._expiry[generation.id] = loop.call_later(
+            self._settings.retention_s, self._forget, generation.id
+        )
+        while self._finished_bytes > self._settings.retention_max_bytes and self._finished:
+            self._forget(next(iter(self._finished)))
+
+    def _forget(self, generation_id: str) -> None:
+        generation = self._finished.pop(generation_id, None)
+        if generation is not None:
+            self._finished_bytes -= generation.size_bytes
+        timer = self._expiry.pop(generation_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def stop_all(self, error: GatewayError) -> None:
+        """End every running generation with `error` (e.g. `shutting_down`)."""
+        for generation in list(self._running.values()):
+            generation.cancel("shutdown", error)
+
+    async def aclose(self) -> None:
+        """Cancel what still runs and drop every log; nothing outlives the app."""
+        running = list(self._running.values())
+        for generation in running:
+            generation.cancel("shutdown")
+        await asyncio.gather(*(g.wait() for g in running), return_exceptions=True)
+        for generation_id in list(self._finished):
+            self._forget(generation_id)

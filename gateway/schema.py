@@ -1,0 +1,97 @@
+"""The request body shared by the chunked, SSE, WebSocket and generations routes.
+
+Validation lives here so that every transport rejects the same inputs with
+the same one-line messages (400 `invalid_request`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.errors import InvalidRequest
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+MAX_TEXT_CHARS = 1_000_000
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class GenerationRequest(BaseModel):
+    """A chat request. `prompt` is folded into `messages`, so providers see one shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    messages: tuple[Message, ...] | None = Field(default=None, min_length=1, max_length=1000)
+    prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    max_tokens: int | None = Field(default=None, ge=1, le=131_072)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: tuple[str, ...] = Field(default=(), max_length=4)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    on_disconnect: Literal["cancel", "finish"] = "cancel"
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return (value,)
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s for s in value):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> GenerationRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        if self.messages is None:
+            user = Message(role="user", content=self.prompt or "")
+            object.__setattr__(self, "messages", (user,))
+        return self
+
+    @property
+    def chat(self) -> tuple[Message, ...]:
+        """The conversation; never None after validation."""
+        assert self.messages is not None
+        return self.messages
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first bad field, e.g. ``max_tokens: Input should be ...``."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
+
+
+def parse_json_object(raw: bytes | str) -> dict[str, Any]:
+    """Decode a JSON object or raise `InvalidRequest` saying why."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return data
+
+
+def parse_generation_request(data: dict[str, Any]) -> GenerationRequest:
+    """Validate a request body, mapping pydantic errors to one-line 400s."""
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None

@@ -1,0 +1,1 @@
+"""Thin encoders of the generation event log, one module per wire format."""

@@ -1,0 +1,53 @@
+"""HTTP chunked transfer: one JSON event per line (`application/x-ndjson`).
+
+Heartbeats are blank lines, which NDJSON readers skip.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.events import Event
+from gateway.generation import Generation
+from gateway.keys import settings_key
+from gateway.transports.common import STREAM_HEADERS, read_json_body, start_from_dict
+from gateway.transports.sink import ClientGone, ClientSink
+
+WIRE_FORMAT = "ndjson"
+CONTENT_TYPE = "application/x-ndjson"
+HEARTBEAT = b"\n"
+
+
+def encode_ndjson(event: Event) -> bytes:
+    return event.json + b"\n"
+
+
+async def serve_ndjson(
+    request: web.Request, generation: Generation, after_seq: int
+) -> web.StreamResponse:
+    """Stream the log after `after_seq` until its terminal event or the client leaves."""
+    streams = request.app[settings_key].streams
+    response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, **STREAM_HEADERS})
+    with generation.subscribe(after_seq) as subscription:
+        await response.prepare(request)
+        sink = ClientSink(
+            request,
+            response.write,
+            write_timeout_s=streams.write_timeout_s,
+            heartbeat=HEARTBEAT,
+            heartbeat_s=streams.heartbeat_s,
+        )
+        try:
+            async with sink:
+                while (batch := await subscription.next_batch()) is not None:
+                    await sink.write(b"".join(e.encoded(WIRE_FORMAT, encode_ndjson) for e in batch))
+            await response.write_eof()
+        except ClientGone:
+            pass
+    return response
+
+
+async def stream_chunked(request: web.Request) -> web.StreamResponse:
+    """POST /v1/stream/chunked"""
+    generation = start_from_dict(request, await read_json_body(request))
+    return await serve_ndjson(request, generation, after_seq=-1)

@@ -1,0 +1,74 @@
+"""What every transport does before it encodes: read the body, start or find a generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import BodyTooLarge, InvalidRequest, ShuttingDown
+from gateway.generation import Generation
+from gateway.keys import catalog_key, lifecycle_key, principal_of, registry_key, settings_key
+from gateway.registry import ID_PREFIX
+from gateway.schema import GenerationRequest, parse_generation_request, parse_json_object
+
+#: Response headers for streams: no caching, and no buffering in nginx (NOTES §7).
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def read_json_body(request: web.Request) -> dict[str, Any]:
+    limit = request.app[settings_key].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"body exceeds the limit of {limit} bytes") from None
+    if not raw.strip():
+        raise InvalidRequest("body is empty: send a JSON object")
+    return parse_json_object(raw)
+
+
+def ensure_accepting(request: web.Request) -> None:
+    if request.app[lifecycle_key].draining:
+        raise ShuttingDown(
+            "server is draining; retry on another replica", headers={"Retry-After": "1"}
+        )
+
+
+def start_generation(request: web.Request, body: GenerationRequest) -> Generation:
+    """Resolve the model (404 if unknown) and start the generation for this principal."""
+    ensure_accepting(request)
+    entry = request.app[catalog_key].resolve(body.model)
+    return request.app[registry_key].start(
+        body, principal=principal_of(request), model=entry.settings.name, provider=entry.provider
+    )
+
+
+def start_from_dict(request: web.Request, data: dict[str, Any]) -> Generation:
+    return start_generation(request, parse_generation_request(data))
+
+
+def find_generation(request: web.Request, generation_id: str) -> Generation:
+    return request.app[registry_key].get(generation_id, principal_of(request))
+
+
+def parse_event_id(value: str) -> tuple[str, int]:
+    """Split `<generation_id>:<seq>` (an SSE `Last-Event-ID`)."""
+    generation_id, _, seq = value.strip().rpartition(":")
+    if not generation_id.startswith(ID_PREFIX) or not seq.isdigit() or len(seq) > 9:
+        raise InvalidRequest("Last-Event-ID must look like gen_…:<seq>")
+    return generation_id, int(seq)
+
+
+def parse_seq(value: str, name: str) -> int:
+    value = value.strip()
+    if not value.lstrip("-").isdigit() or len(value) > 10 or int(value) < -1:
+        raise InvalidRequest(f"{name} must be an integer seq >= -1")
+    return int(value)
+
+
+def already_delivered(generation: Generation, after_seq: int) -> bool:
+    """True when the client has seen the terminal event: answer 204, start nothing."""
+    terminal = generation.terminal_seq
+    return terminal is not None and after_seq >= terminal

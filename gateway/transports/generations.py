@@ -1,0 +1,64 @@
+"""Generations as a resource: start detached, attach from any seq, cancel."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.errors import InvalidRequest
+from gateway.middleware import json_response
+from gateway.transports.chunked import CONTENT_TYPE as NDJSON
+from gateway.transports.chunked import serve_ndjson
+from gateway.transports.common import (
+    already_delivered,
+    find_generation,
+    parse_event_id,
+    parse_seq,
+    read_json_body,
+    start_from_dict,
+)
+from gateway.transports.sse import serve_sse
+
+
+def events_url(generation_id: str) -> str:
+    return f"/v1/generations/{generation_id}/events"
+
+
+async def create_generation(request: web.Request) -> web.Response:
+    """POST /v1/generations: 201 with the id; nobody is attached yet, so the grace clock runs."""
+    generation = start_from_dict(request, await read_json_body(request))
+    url = events_url(generation.id)
+    return json_response(
+        {"id": generation.id, "events_url": url}, status=201, headers={"Location": url}
+    )
+
+
+def _after_seq(request: web.Request, generation_id: str) -> int:
+    if "after" in request.query:
+        return parse_seq(request.query["after"], "after")
+    last_event_id = request.headers.get("Last-Event-ID", "").strip()
+    if not last_event_id:
+        return -1
+    if last_event_id.lstrip("-").isdigit():
+        return parse_seq(last_event_id, "Last-Event-ID")
+    named, seq = parse_event_id(last_event_id)
+    if named != generation_id:
+        raise InvalidRequest("Last-Event-ID names another generation")
+    return seq
+
+
+async def generation_events(request: web.Request) -> web.StreamResponse:
+    """GET /v1/generations/{id}/events: SSE, or NDJSON when the client accepts it."""
+    generation_id = request.match_info["generation_id"]
+    generation = find_generation(request, generation_id)
+    after = _after_seq(request, generation_id)
+    if already_delivered(generation, after):
+        return web.Response(status=204)
+    if NDJSON in request.headers.get("Accept", ""):
+        return await serve_ndjson(request, generation, after)
+    return await serve_sse(request, generation, after)
+
+
+async def delete_generation(request: web.Request) -> web.Response:
+    """DELETE /v1/generations/{id}: cancel it (idempotent once it has ended)."""
+    find_generation(request, request.match_info["generation_id"]).cancel("cancelled")
+    return web.Response(status=204)

@@ -1,0 +1,114 @@
+"""Writing to one client: heartbeats while idle, and a cut-off for stalled readers.
+
+A client that stops reading never makes `write()` fail: aiohttp only waits
+for the socket to drain once 64 KiB are queued, and then waits forever
+(../shared/NOTES.md §1). One watchdog task per connection therefore tracks
+the write in flight and aborts the transport when it has been pending for
+`write_timeout_s`; the same task sends a heartbeat after `heartbeat_s`
+without output, so proxies keep the stream open while the model thinks.
+One timer per connection, rather than one per token, keeps the hot path free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+Writer = Callable[[bytes], Awaitable[None]]
+
+
+class ClientGone(Exception):
+    """The client closed the connection or was cut off for not reading."""
+
+
+class ClientSink:
+    """Serialised output to one connection, with heartbeat and stall watchdog."""
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        write: Writer,
+        *,
+        write_timeout_s: float,
+        heartbeat: bytes | None = None,
+        heartbeat_s: float | None = None,
+    ) -> None:
+        self._request = request
+        self._write = write
+        self._write_timeout_s = write_timeout_s
+        self._heartbeat = heartbeat
+        self._heartbeat_s = heartbeat_s
+        self._loop = asyncio.get_running_loop()
+        self._last_output = self._loop.time()
+        self._pending_since: float | None = None
+        self._inflight = 0
+        self._watchdog: asyncio.Task[None] | None = None
+        self.bytes_written = 0
+        self.stalled = False
+
+    async def __aenter__(self) -> ClientSink:
+        self._watchdog = self._loop.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        watchdog = self.stop()
+        if watchdog is not None:
+            # `wait` (not `await task`) so our own cancellation is never swallowed.
+            await asyncio.wait([watchdog])
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Cancel the watchdog now, synchronously, so no await can skip it."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        return self._watchdog
+
+    async def write(self, data: bytes) -> None:
+        """Write or raise `ClientGone`; a stalled write is aborted by the watchdog."""
+        self._inflight += 1
+        if self._pending_since is None:
+            self._pending_since = self._loop.time()
+        try:
+            await self._write(data)
+        except ConnectionError as exc:
+            raise ClientGone(str(exc)) from exc
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._pending_since = None
+        self._last_output = self._loop.time()
+        self.bytes_written += len(data)
+
+    async def _watch(self) -> None:
+        while True:
+            now = self._loop.time()
+            if self._pending_since is not None:
+                deadline = self._pending_since + self._write_timeout_s
+                if now >= deadline:
+                    self._cut_off()
+                    return
+                await asyncio.sleep(deadline - now)
+                continue
+            if self._heartbeat is None or self._heartbeat_s is None:
+                await asyncio.sleep(self._write_timeout_s)
+                continue
+            due = self._last_output + self._heartbeat_s
+            if now < due:
+                await asyncio.sleep(min(due - now, self._write_timeout_s))
+                continue
+            try:
+                async with asyncio.timeout(self._write_timeout_s):
+                    await self.write(self._heartbeat)
+            except TimeoutError:
+                self._cut_off()
+                return
+            except ClientGone:
+                return
+
+    def _cut_off(self) -> None:
+        """Abort: a graceful close would wait on the same full buffer."""
+        self.stalled = True
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()

@@ -1,0 +1,174 @@
+"""WebSocket: many generations per socket, multiplexed by `request_id`.
+
+The handler task is the only reader (aiohttp allows one). Each generation
+or resume gets a forwarding task that writes frames; when the socket ends,
+the forwarders are cancelled, which detaches their subscriptions and so
+starts the generations' grace timers exactly as a dropped HTTP stream does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from gateway.errors import GatewayError, InvalidRequest, TooManyStreams
+from gateway.events import Event
+from gateway.generation import Generation, Subscription
+from gateway.keys import settings_key
+from gateway.schema import parse_json_object
+from gateway.transports.common import ensure_accepting, find_generation, start_from_dict
+from gateway.transports.sink import ClientGone, ClientSink
+
+WIRE_FORMAT = "ws"
+_CONTROL_FIELDS = frozenset({"type", "request_id"})
+_MAX_REQUEST_ID = 128
+
+
+def encode_ws(event: Event) -> bytes:
+    """The event JSON with `generation_id` first; ids are URL-safe, so no escaping."""
+    return b'{"generation_id":"%s",%s' % (event.generation_id.encode(), event.json[1:])
+
+
+def with_request_id(request_id: str, encoded: bytes) -> bytes:
+    """Splice this socket's `request_id` into a shared encoding without re-serialising."""
+    return b'{"request_id":%s,%s' % (orjson.dumps(request_id), encoded[1:])
+
+
+def _request_id(message: dict[str, Any]) -> str:
+    value = message.get("request_id")
+    if not isinstance(value, str) or not 0 < len(value) <= _MAX_REQUEST_ID:
+        raise InvalidRequest(
+            f"request_id: a string of 1 to {_MAX_REQUEST_ID} characters is required"
+        )
+    return value
+
+
+class WebSocketSession:
+    """The state of one socket: its forwarders, keyed by request id."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self._request = request
+        self._ws = ws
+        self._max_active = request.app[settings_key].streams.max_per_socket
+        self._active: dict[str, tuple[asyncio.Task[None], Generation]] = {}
+        self._sink = ClientSink(
+            request,
+            self._send_text,
+            write_timeout_s=request.app[settings_key].streams.write_timeout_s,
+        )
+
+    async def __aenter__(self) -> WebSocketSession:
+        await self._sink.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Cancel everything before the first await: the handler itself may be
+        # cancelled (client gone) while it waits below.
+        tasks = [task for task, _ in self._active.values()]
+        for task in tasks:
+            task.cancel()
+        watchdog = self._sink.stop()
+        if watchdog is not None:
+            tasks.append(watchdog)
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _send_text(self, data: bytes) -> None:
+        await self._ws.send_frame(data, WSMsgType.TEXT)
+
+    async def handle(self, raw: bytes | str) -> None:
+        """Act on one client message; a bad one gets an `error` frame, never a close."""
+        request_id: str | None = None
+        try:
+            message = parse_json_object(raw)
+            request_id = (
+                message.get("request_id") if isinstance(message.get("request_id"), str) else None
+            )
+            kind = message.get("type")
+            if kind == "generate":
+                self._generate(message)
+            elif kind == "resume":
+                self._resume(message)
+            elif kind == "cancel":
+                self._cancel(message)
+            else:
+                raise InvalidRequest("type: must be one of generate, resume, cancel")
+        except GatewayError as exc:
+            await self.send_error(request_id, exc)
+
+    async def send_error(self, request_id: str | None, exc: GatewayError) -> None:
+        frame = {"type": "error", "request_id": request_id, **exc.event_fields()}
+        with contextlib.suppress(ClientGone):
+            await self._sink.write(orjson.dumps(frame))
+
+    def _reserve(self, message: dict[str, Any]) -> str:
+        request_id = _request_id(message)
+        if request_id in self._active:
+            raise InvalidRequest(f"request_id {request_id!r} is already streaming on this socket")
+        if len(self._active) >= self._max_active:
+            raise TooManyStreams(f"at most {self._max_active} streams may run on one socket")
+        return request_id
+
+    def _generate(self, message: dict[str, Any]) -> None:
+        request_id = self._reserve(message)
+        body = {k: v for k, v in message.items() if k not in _CONTROL_FIELDS}
+        self._forward(request_id, start_from_dict(self._request, body), after_seq=-1)
+
+    def _resume(self, message: dict[str, Any]) -> None:
+        request_id = self._reserve(message)
+        generation_id, after_seq = message.get("generation_id"), message.get("after_seq", -1)
+        if not isinstance(generation_id, str):
+            raise InvalidRequest("generation_id: a string is required")
+        if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < -1:
+            raise InvalidRequest("after_seq: an integer >= -1 is required")
+        self._forward(request_id, find_generation(self._request, generation_id), after_seq)
+
+    def _cancel(self, message: dict[str, Any]) -> None:
+        request_id = _request_id(message)
+        active = self._active.get(request_id)
+        if active is None:
+            raise InvalidRequest(f"request_id {request_id!r} is not streaming on this socket")
+        active[1].cancel("cancelled")
+
+    def _forward(self, request_id: str, generation: Generation, after_seq: int) -> None:
+        # Attach now, synchronously, so a grace of 0 never sees zero subscribers.
+        subscription = generation.subscribe(after_seq).__enter__()
+        task = asyncio.get_running_loop().create_task(self._pump(request_id, subscription))
+        self._active[request_id] = (task, generation)
+        task.add_done_callback(lambda _: self._active.pop(request_id, None))
+
+    async def _pump(self, request_id: str, subscription: Subscription) -> None:
+        try:
+            while (batch := await subscription.next_batch()) is not None:
+                for event in batch:
+                    frame = with_request_id(request_id, event.encoded(WIRE_FORMAT, encode_ws))
+                    await self._sink.write(frame)
+        except ClientGone:
+            pass
+        finally:
+            subscription.close()
+
+
+async def stream_ws(request: web.Request) -> web.StreamResponse:
+    """GET /v1/stream/ws"""
+    ensure_accepting(request)
+    settings = request.app[settings_key]
+    ws = web.WebSocketResponse(
+        heartbeat=settings.streams.heartbeat_s,
+        compress=False,  # deflate would hold small token frames (NOTES §3)
+        max_msg_size=settings.server.max_body_bytes,
+    )
+    await ws.prepare(request)
+    async with WebSocketSession(request, ws) as session:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await session.handle(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await session.send_error(
+                    None, InvalidRequest("binary frames are not accepted; send JSON text")
+                )
+    return ws

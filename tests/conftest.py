@@ -1,0 +1,62 @@
+"""Fixtures: a real gateway app on a real socket, built by the real `create_app`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.config import Settings
+
+#: Fast defaults for tests; each test overrides what it exercises.
+FAST_MODEL = {
+    "name": "sim-1",
+    "provider": "simulated",
+    "tokens_per_second": 2000,
+    "first_token_ms": 5,
+}
+
+
+def make_settings(**sections: Any) -> Settings:
+    """Settings with a fast simulated model; `sections` replace or extend config sections."""
+    tree: dict[str, Any] = {"models": [FAST_MODEL], "streams": {"heartbeat_s": 15}}
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(tree.get(name), dict):
+            tree[name] = {**tree[name], **value}
+        else:
+            tree[name] = value
+    return Settings.model_validate(tree)
+
+
+StartGateway = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def start_gateway(aiohttp_server: Any) -> StartGateway:
+    """Start `create_app(settings)` on a real socket.
+
+    aiohttp's `TestServer` always runs with `handler_cancellation=True`, the
+    same setting `gateway serve` uses, so disconnects behave as in production.
+    """
+
+    async def start(settings: Settings | None = None, **sections: Any) -> TestServer:
+        app: web.Application = create_app(settings or make_settings(**sections))
+        return await aiohttp_server(app)
+
+    return start
+
+
+def require_binary(name: str) -> str:
+    """The path of a binary; skip locally if missing, but fail under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is required under CI but is not installed")
+        pytest.skip(f"{name} is not installed")
+    return path

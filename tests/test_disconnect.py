@@ -1,0 +1,188 @@
+"""Disconnect detection: a client that leaves stops the upstream, after the grace."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import aiohttp
+import pytest
+
+from gateway.generation import Generation
+from gateway.keys import registry_key
+from tests.conftest import StartGateway
+from tests.helpers import read_ndjson
+from tests.rawclient import open_stream, read_generation_id
+
+THINKING = {
+    "name": "sim-1",
+    "provider": "simulated",
+    "tokens_per_second": 50,
+    "first_token_ms": 5000,
+}
+BODY = {"prompt": "Explain vector databases.", "max_tokens": 100}
+HTTP_ROUTES = ["/v1/stream/chunked", "/v1/stream/sse"]
+
+
+async def wait_finished(generation: Generation, timeout: float) -> float:
+    """Seconds until the generation's log is terminal."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with asyncio.timeout(timeout):
+        while not generation.finished:
+            await asyncio.sleep(0.002)
+    return loop.time() - began
+
+
+@pytest.mark.parametrize("path", HTTP_ROUTES)
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_grace_zero_cancels_at_once_while_waiting_for_first_token(
+    start_gateway: StartGateway, path: str, how: str
+) -> None:
+    server = await start_gateway(models=[THINKING], streams={"resume_grace_s": 0})
+    reader, writer = await open_stream(server.port, path, BODY)
+    generation = server.app[registry_key].get(await read_generation_id(reader), "anonymous")
+    await asyncio.sleep(0.05)
+    assert not generation.finished
+    if how == "close":
+        writer.close()
+    else:
+        writer.transport.abort()
+    elapsed = await wait_finished(generation, timeout=1)
+    assert elapsed < 0.1
+    assert generation.events[-1].fields["finish_reason"] == "cancelled"
+    assert generation.completion_tokens == 0
+    assert generation.stop_cause == "client_disconnected"
+
+
+async def test_grace_zero_on_websocket(start_gateway: StartGateway) -> None:
+    server = await start_gateway(models=[THINKING], streams={"resume_grace_s": 0})
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.make_url("/v1/stream/ws"))
+        await ws.send_json({"type": "generate", "request_id": "r", **BODY})
+        start = await ws.receive_json()
+        generation = server.app[registry_key].get(start["generation_id"], "anonymous")
+        await ws.close()
+        assert await wait_finished(generation, timeout=1) < 0.1
+    assert generation.events[-1].fields["finish_reason"] == "cancelled"
+
+
+@pytest.mark.parametrize("path", HTTP_ROUTES)
+async def test_grace_period_cancels_only_after_it_runs_out(
+    start_gateway: StartGateway, path: str
+) -> None:
+    server = await start_gateway(models=[THINKING], streams={"resume_grace_s": 0.6})
+    reader, writer = await open_stream(server.port, path, BODY)
+    generation = server.app[registry_key].get(await read_generation_id(reader), "anonymous")
+    writer.close()
+    await asyncio.sleep(0.4)
+    assert not generation.finished and generation.subscribers == 0
+    elapsed = await wait_finished(generation, timeout=2)
+    assert 0.1 < elapsed < 0.45  # i.e. between 0.5 and 0.85 s after the drop
+    assert generation.events[-1].fields["finish_reason"] == "cancelled"
+
+
+async def test_reattach_within_grace_keeps_it_running(start_gateway: StartGateway) -> None:
+    model = {**THINKING, "first_token_ms": 300, "tokens_per_second": 200}
+    server = await start_gateway(models=[model], streams={"resume_grace_s": 0.3})
+    reader, writer = await open_stream(
+        server.port, "/v1/stream/chunked", {**BODY, "max_tokens": 60}
+    )
+    generation_id = await read_generation_id(reader)
+    writer.close()
+    await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as session:
+        url = server.make_url(f"/v1/generations/{generation_id}/events")
+        async with session.get(url, headers={"Accept": "application/x-ndjson"}) as response:
+            events = await read_ndjson(response)
+    assert events[-1]["finish_reason"] == "length"
+    assert events[-1]["usage"]["completion_tokens"] == 60
+
+
+async def test_on_disconnect_finish_runs_to_the_end(start_gateway: StartGateway) -> None:
+    model = {**THINKING, "first_token_ms": 50, "tokens_per_second": 500}
+    server = await start_gateway(models=[model], streams={"resume_grace_s": 0})
+    body = {**BODY, "max_tokens": 50, "on_disconnect": "finish"}
+    reader, writer = await open_stream(server.port, "/v1/stream/sse", body)
+    generation = server.app[registry_key].get(await read_generation_id(reader), "anonymous")
+    writer.transport.abort()
+    await wait_finished(generation, timeout=2)
+    assert generation.events[-1].fields["finish_reason"] == "length"
+    assert generation.completion_tokens == 50
+
+
+@pytest.mark.parametrize("path", HTTP_ROUTES)
+async def test_a_client_that_stops_reading_is_cut_off(
+    start_gateway: StartGateway, path: str
+) -> None:
+    fast = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 1e9, "first_token_ms": 0}
+    server = await start_gateway(
+        models=[fast], streams={"resume_grace_s": 0, "write_timeout_s": 0.5}
+    )
+    reader, writer = await open_stream(
+        server.port, path, {**BODY, "max_tokens": 131072}, rcvbuf=4096
+    )
+    generation = server.app[registry_key].get(await read_generation_id(reader), "anonymous")
+    # Never read again: the server's buffers fill, its write stalls, the watchdog aborts.
+    await wait_finished(generation, timeout=15)
+    assert generation.stop_cause == "client_disconnected"
+    assert generation.completion_tokens < 131072
+    writer.transport.abort()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.slow
+async def test_no_leaks_after_1000_streams_dropped_at_random_points(
+    start_gateway: StartGateway,
+) -> None:
+    model = {
+        "name": "sim-1",
+        "provider": "simulated",
+        "tokens_per_second": 2000,
+        "first_token_ms": 2,
+    }
+    server = await start_gateway(models=[model], streams={"resume_grace_s": 0, "retention_s": 0})
+    registry = server.app[registry_key]
+    rng = random.Random(2024)
+    paths = ["/v1/stream/chunked", "/v1/stream/sse", "/v1/stream/ws"]
+
+    async def one(n: int) -> None:
+        path = paths[n % 3]
+        if path.endswith("ws"):
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(server.make_url(path))
+                await ws.send_json({"type": "generate", "request_id": "r", **BODY})
+                for _ in range(rng.randint(0, 40)):
+                    await ws.receive()
+                await ws.close()
+            return
+        reader, writer = await open_stream(server.port, path, {**BODY, "seed": n})
+        await reader.read(rng.randint(1, 6000))
+        if rng.random() < 0.5:
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    async def settle() -> tuple[int, int]:
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+        return len(asyncio.all_tasks()), open_fds()
+
+    baseline_tasks, baseline_fds = await settle()
+    for batch in range(20):
+        await asyncio.gather(*(one(batch * 50 + n) for n in range(50)))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while len(registry) or len(asyncio.all_tasks()) > baseline_tasks:
+        if loop.time() > deadline:
+            names = sorted(t.get_name() + repr(t.get_coro())[:80] for t in asyncio.all_tasks())
+            pytest.fail(f"{len(registry)} generations and tasks left: {names[:10]}")
+        await asyncio.sleep(0.05)
+    tasks, fds = await settle()
+    assert len(registry) == 0
+    assert tasks <= baseline_tasks, [t.get_name() for t in asyncio.all_tasks()]
+    assert fds <= baseline_fds + 2

@@ -1,0 +1,134 @@
+"""Errors before streaming are HTTP statuses with OpenAI's error body, on every route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import StartGateway
+
+STREAM_ROUTES = ["/v1/stream/chunked", "/v1/stream/sse", "/v1/generations"]
+
+
+async def post(server: Any, path: str, **kwargs: Any) -> tuple[int, dict[str, Any], Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url(path), **kwargs) as response:
+            return response.status, await response.json(), response.headers
+
+
+def assert_error(body: dict[str, Any], code: str) -> str:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"type", "code", "message"}
+    assert body["error"]["code"] == code
+    assert body["error"]["message"]
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize("path", STREAM_ROUTES)
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b"", "empty"),
+        (b'{"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}', "exactly one"),
+        (b'{"max_tokens": 5}', "exactly one"),
+        (b'{"prompt": "hi", "max_tokens": 0}', "max_tokens"),
+        (b'{"prompt": "hi", "max_tokens": "ten"}', "max_tokens"),
+        (b'{"prompt": "hi", "temperature": 9}', "temperature"),
+        (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+        (b'{"prompt": "hi", "on_disconnect": "later"}', "on_disconnect"),
+        (b'{"messages": [{"role": "robot", "content": "hi"}]}', "messages.0.role"),
+        (b'{"prompt": "hi", "colour": "red"}', "colour"),
+        (b'{"prompt": 5}', "prompt"),
+        (b"[" * 5000 + b"]" * 5000, "JSON"),
+    ],
+)
+async def test_bad_bodies_are_400(
+    start_gateway: StartGateway, path: str, body: bytes, fragment: str
+) -> None:
+    server = await start_gateway()
+    status, data, _ = await post(server, path, data=body)
+    assert status == 400
+    assert fragment in assert_error(data, "invalid_request")
+
+
+@pytest.mark.parametrize("path", STREAM_ROUTES)
+async def test_unknown_model_is_404(start_gateway: StartGateway, path: str) -> None:
+    server = await start_gateway()
+    status, data, _ = await post(server, path, json={"prompt": "hi", "model": "gpt-9"})
+    assert status == 404
+    assert "gpt-9" in assert_error(data, "model_not_found")
+
+
+@pytest.mark.parametrize("path", STREAM_ROUTES)
+async def test_body_over_the_limit_is_413(start_gateway: StartGateway, path: str) -> None:
+    server = await start_gateway(server={"max_body_bytes": 4096})
+    status, data, _ = await post(server, path, json={"prompt": "x" * 5000})
+    assert status == 413
+    assert "4096" in assert_error(data, "invalid_request")
+
+
+async def test_body_over_the_limit_without_content_length_is_413(
+    start_gateway: StartGateway,
+) -> None:
+    server = await start_gateway(server={"max_body_bytes": 4096})
+
+    async def chunks() -> Any:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    status, data, _ = await post(server, "/v1/stream/chunked", data=chunks())
+    assert status == 413
+    assert_error(data, "invalid_request")
+
+
+async def test_unknown_route_and_method_use_the_error_shape(start_gateway: StartGateway) -> None:
+    server = await start_gateway()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/v1/nothing")) as response:
+            assert response.status == 404
+            assert_error(await response.json(), "invalid_request")
+        async with session.put(server.make_url("/v1/stream/chunked")) as response:
+            assert response.status == 405
+            assert_error(await response.json(), "invalid_request")
+
+
+async def test_sse_get_validates_query(start_gateway: StartGateway) -> None:
+    server = await start_gateway()
+    async with aiohttp.ClientSession() as session:
+        for query, fragment in [
+            ("", "prompt"),
+            ("?prompt=hi&max_tokens=ten", "max_tokens"),
+            ("?prompt=hi&evil=1", "evil"),
+        ]:
+            async with session.get(server.make_url("/v1/stream/sse" + query)) as response:
+                assert response.status == 400
+                assert fragment in assert_error(await response.json(), "invalid_request")
+
+
+async def test_request_id_is_echoed_or_made(start_gateway: StartGateway) -> None:
+    server = await start_gateway()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            server.make_url("/healthz"), headers={"X-Request-ID": "abc-123"}
+        ) as r:
+            assert r.headers["X-Request-ID"] == "abc-123"
+        bad = {"X-Request-ID": "evil\tvalue" + "x" * 200}
+        async with session.get(server.make_url("/healthz"), headers=bad) as r:
+            assert r.headers["X-Request-ID"] != bad["X-Request-ID"]
+            assert len(r.headers["X-Request-ID"]) == 16
+
+
+async def test_health_and_readiness(start_gateway: StartGateway) -> None:
+    server = await start_gateway()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/healthz")) as response:
+            assert response.status == 200 and (await response.json())["status"] == "ok"
+        async with session.get(server.make_url("/readyz")) as response:
+            assert response.status == 200
+        async with session.get(server.make_url("/v1/models")) as response:
+            data = await response.json()
+            assert [m["id"] for m in data["data"]] == ["sim-1"]
