@@ -14,17 +14,10 @@ DEFAULT_CONFIG = "config.yaml"
 
 
 def _load(path: str | None, host: str | None = None, port: int | None = None) -> Settings:
-    config = (
-        path if path is not None else (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None)
-    )
-    settings = load_settings(config)
-    if host is not None or port is not None:
-        server = settings.server.model_copy(
-            update={k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-        )
-        # Re-validate: a --host may make anonymous access illegal.
-        settings = Settings.model_validate({**settings.model_dump(), "server": server.model_dump()})
-    return settings
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    flags = {"server.host": host, "server.port": port}
+    return load_settings(path, overrides={k: v for k, v in flags.items() if v is not None})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

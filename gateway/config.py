@@ -220,8 +220,15 @@ def _set_path(tree: Any, path: list[str], value: Any, origin: str) -> None:
             node = node[key]
 
 
-def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None) -> Settings:
-    """Read, interpolate, override and validate. Raises `ConfigError`."""
+def load_settings(
+    path: str | Path | None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read, interpolate, apply env then `overrides` (`"server.port": 9000`), validate.
+
+    Raises `ConfigError`.
+    """
     env = os.environ if env is None else env
     tree: Any = {}
     if path is not None:
@@ -238,6 +245,8 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     tree = _apply_overrides(_interpolate(tree, env, ""), env)
+    for dotted, value in (overrides or {}).items():
+        _set_path(tree, dotted.split("."), value, dotted)
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:

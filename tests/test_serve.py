@@ -1,0 +1,58 @@
+"""`python -m gateway` as a real process, with the repository's own config.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.helpers import assert_well_formed, read_ndjson
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_python_m_gateway_serves_the_default_config() -> None:
+    port = free_port()
+    env = {**os.environ, "GATEWAY__SERVER__PORT": str(port)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(15):
+                while True:
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                            if response.status == 200:
+                                break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.1)
+            body = {"prompt": "Explain vector databases.", "max_tokens": 5, "seed": 1}
+            async with session.post(f"http://127.0.0.1:{port}/v1/stream/chunked", json=body) as r:
+                events = await read_ndjson(r)
+        assert_well_formed(events)
+        assert events[0]["model"] == "sim-1" and events[-1]["finish_reason"] == "length"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    first_log_line = stderr.decode().splitlines()[0]
+    assert b'"level":"info"' in first_log_line.encode() and "serving" in first_log_line
