@@ -19,6 +19,7 @@ from gateway.transports.generations import (
     delete_generation,
     generation_events,
 )
+from gateway.transports.openai_compat import chat_completions
 from gateway.transports.sse import stream_sse
 from gateway.transports.websocket import stream_ws
 
@@ -45,6 +46,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/stream/chunked", stream_chunked)
     app.router.add_route("GET", "/v1/stream/sse", stream_sse)
     app.router.add_route("POST", "/v1/stream/sse", stream_sse)

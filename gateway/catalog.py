@@ -1,33 +1,51 @@
-"""Configured models and the provider instance behind each."""
+"""Configured models and the provider chain behind each."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config import ModelSettings, Settings, SimulatedModel
+from gateway.config import ModelSettings, OpenAIModel, Settings, SimulatedModel
 from gateway.errors import ModelNotFound
 from gateway.providers.base import Provider
+from gateway.providers.openai import OpenAIProvider
+from gateway.providers.resilience import Attempt, FallbackChain
 from gateway.providers.simulated import SimulatedProvider
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
     settings: ModelSettings
+    #: The model's own provider wrapped with its retries and fallbacks.
     provider: Provider
 
 
 def build_provider(model: ModelSettings) -> Provider:
     if isinstance(model, SimulatedModel):
         return SimulatedProvider(model)
-    raise NotImplementedError(f"provider {model.provider!r} is not available yet")
+    return OpenAIProvider(model)
+
+
+def _retries(model: ModelSettings) -> int:
+    return model.max_retries if isinstance(model, OpenAIModel) else 0
 
 
 class ModelCatalog:
-    """Resolves a request's `model` (default: the first configured) to its provider."""
+    """Resolves a request's `model` (default: the first configured) to its provider chain."""
 
     def __init__(self, settings: Settings) -> None:
-        self._entries = {m.name: CatalogEntry(m, build_provider(m)) for m in settings.models}
+        self._models = {m.name: m for m in settings.models}
+        self._providers = {m.name: build_provider(m) for m in settings.models}
+        self._entries = {m.name: CatalogEntry(m, self._chain(m)) for m in settings.models}
         self.default_model = settings.models[0].name
+
+    def _chain(self, model: ModelSettings) -> Provider:
+        fallbacks = model.fallbacks if isinstance(model, OpenAIModel) else ()
+        if not fallbacks and not _retries(model):
+            return self._providers[model.name]
+        names = [model.name, *fallbacks]
+        return FallbackChain(
+            [Attempt(self._providers[n], _retries(self._models[n])) for n in names]
+        )
 
     @property
     def names(self) -> list[str]:
@@ -40,5 +58,5 @@ class ModelCatalog:
         return entry
 
     async def aclose(self) -> None:
-        for entry in self._entries.values():
-            await entry.provider.aclose()
+        for provider in self._providers.values():
+            await provider.aclose()

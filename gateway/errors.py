@@ -30,10 +30,21 @@ class GatewayError(Exception):
     code: ClassVar[str] = "internal_error"
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        status: int | None = None,
+        retryable: bool | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        if status is not None:
+            self.status = status
+        if retryable is not None:
+            self.retryable = retryable
 
     def event_fields(self) -> dict[str, Any]:
         """The fields of the terminal `error` event."""
@@ -68,9 +79,27 @@ class TooManyStreams(GatewayError):
 
 
 class UpstreamError(GatewayError):
+    """The upstream failed. `status` is what the OpenAI-compatible route answers
+    when this happens before the first token (429 stays 429 so SDKs back off)."""
+
     status = 502
     code = "upstream_error"
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool | None = None,
+        retry_after_s: float | None = None,
+        fallback: bool = True,
+    ) -> None:
+        super().__init__(message, status=status, retryable=retryable)
+        #: The upstream's `Retry-After`, honoured by the retry loop.
+        self.retry_after_s = retry_after_s
+        #: False when another upstream would fail the same way (a bad request).
+        self.fallback = fallback
 
 
 class UpstreamTimeout(UpstreamError):

@@ -55,6 +55,8 @@ class Generation:
         self.size_bytes = 0
         self.subscribers = 0
         self.stop_cause: StopCause | None = None
+        #: The error behind a terminal `error` event, with its HTTP status.
+        self.failure: GatewayError | None = None
         self._grace_s = resume_grace_s
         self._grace_timer: asyncio.TimerHandle | None = None
         self._on_finished = on_finished
@@ -119,14 +121,18 @@ class Generation:
         except asyncio.CancelledError:
             self._append_stopped()
         except GatewayError as exc:
-            self._append("error", exc.event_fields())
+            self._fail(exc)
         except Exception:
             log.exception("generation failed", extra={"generation_id": self.id})
-            self._append("error", InternalError("internal error in the generation").event_fields())
+            self._fail(InternalError("internal error in the generation"))
+
+    def _fail(self, error: GatewayError) -> None:
+        self.failure = error
+        self._append("error", error.event_fields())
 
     def _append_stopped(self) -> None:
         if self._shutdown_error is not None:
-            self._append("error", self._shutdown_error.event_fields())
+            self._fail(self._shutdown_error)
         else:
             self._append("done", {"finish_reason": "cancelled", "usage": self._usage().as_dict()})
 

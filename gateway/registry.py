@@ -47,15 +47,24 @@ class GenerationRegistry:
         return self._finished_bytes
 
     def start(
-        self, request: GenerationRequest, *, principal: str, model: str, provider: Provider
+        self,
+        request: GenerationRequest,
+        *,
+        principal: str,
+        model: str,
+        provider: Provider,
+        resume_grace_s: float | None = None,
     ) -> Generation:
+        """Start a generation; `resume_grace_s` overrides the configured grace."""
+        if resume_grace_s is None:
+            resume_grace_s = self._settings.resume_grace_s
         generation = Generation(
             generation_id=new_generation_id(),
             principal=principal,
             model=model,
             request=request,
             provider=provider,
-            resume_grace_s=self._settings.resume_grace_s,
+            resume_grace_s=resume_grace_s,
             on_finished=self._retain,
         )
         self._running[generation.id] = generation

@@ -9,7 +9,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.errors import InvalidRequest
 
@@ -38,6 +46,28 @@ class GenerationRequest(BaseModel):
     stop: tuple[str, ...] = Field(default=(), max_length=4)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     on_disconnect: Literal["cancel", "finish"] = "cancel"
+
+    # Not client fields: set by the gateway, read by upstream providers.
+    _passthrough: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _request_id: str | None = PrivateAttr(default=None)
+
+    def for_upstream(
+        self, *, request_id: str | None, passthrough: dict[str, Any] | None = None
+    ) -> GenerationRequest:
+        """Attach the request id and the raw OpenAI fields an upstream should receive."""
+        self._request_id = request_id
+        if passthrough is not None:
+            self._passthrough = passthrough
+        return self
+
+    @property
+    def passthrough(self) -> dict[str, Any]:
+        """Unknown OpenAI fields (tools, response_format, …) for an OpenAI-compatible upstream."""
+        return self._passthrough
+
+    @property
+    def request_id(self) -> str | None:
+        return self._request_id
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -8,7 +8,14 @@ from aiohttp import web
 
 from gateway.errors import BodyTooLarge, InvalidRequest, ShuttingDown
 from gateway.generation import Generation
-from gateway.keys import catalog_key, lifecycle_key, principal_of, registry_key, settings_key
+from gateway.keys import (
+    catalog_key,
+    lifecycle_key,
+    principal_of,
+    registry_key,
+    request_id_key,
+    settings_key,
+)
 from gateway.registry import ID_PREFIX
 from gateway.schema import GenerationRequest, parse_generation_request, parse_json_object
 
@@ -36,12 +43,19 @@ def ensure_accepting(request: web.Request) -> None:
         )
 
 
-def start_generation(request: web.Request, body: GenerationRequest) -> Generation:
+def start_generation(
+    request: web.Request, body: GenerationRequest, *, resume_grace_s: float | None = None
+) -> Generation:
     """Resolve the model (404 if unknown) and start the generation for this principal."""
     ensure_accepting(request)
     entry = request.app[catalog_key].resolve(body.model)
+    body.for_upstream(request_id=request.get(request_id_key))
     return request.app[registry_key].start(
-        body, principal=principal_of(request), model=entry.settings.name, provider=entry.provider
+        body,
+        principal=principal_of(request),
+        model=entry.settings.name,
+        provider=entry.provider,
+        resume_grace_s=resume_grace_s,
     )
 
 
