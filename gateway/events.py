@@ -25,6 +25,16 @@ def scrub_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _dumps_compact(value: Any) -> bytes:
+    """`orjson.dumps`, copied into a right-sized object.
+
+    orjson 3.13 returns bytes that keep a 4 KiB allocation however short the
+    JSON (tracemalloc: 4,098 B for a 60-byte token event). An event log holds
+    thousands of them, so the copy (about 0.1 µs) saves ~4 KiB per event.
+    """
+    return bytes(memoryview(orjson.dumps(value)))
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return scrub_surrogates(value)
@@ -45,10 +55,10 @@ class Event:
         self.type = type
         self.seq = seq
         try:
-            self.json = orjson.dumps({"type": type, "seq": seq, **fields})
+            self.json = _dumps_compact({"type": type, "seq": seq, **fields})
         except orjson.JSONEncodeError:
             fields = _scrub(fields)
-            self.json = orjson.dumps({"type": type, "seq": seq, **fields})
+            self.json = _dumps_compact({"type": type, "seq": seq, **fields})
         self.fields = fields
         self._cache: dict[str, bytes] = {}
 

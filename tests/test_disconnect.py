@@ -116,7 +116,8 @@ async def test_on_disconnect_finish_runs_to_the_end(start_gateway: StartGateway)
 async def test_a_client_that_stops_reading_is_cut_off(
     start_gateway: StartGateway, path: str
 ) -> None:
-    fast = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 1e9, "first_token_ms": 0}
+    # 131,072 tokens take 26 s at this pace: the stall must be caught long before.
+    fast = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 5e3, "first_token_ms": 0}
     server = await start_gateway(
         models=[fast], streams={"resume_grace_s": 0, "write_timeout_s": 0.5}
     )
