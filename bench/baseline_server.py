@@ -1,47 +1,55 @@
-"""The baseline: a bare aiohttp SSE handler with the simulated model's pacing.
+"""The baseline: a hand-rolled aiohttp SSE handler around the same simulated model.
 
-Every figure the gateway benchmark reports is a ratio against this server,
+Every figure the gateway benchmark reports is compared with this server,
 measured in the same run, so the noise of a shared 2-core machine cancels out.
-It does the least any streaming server must do: parse the JSON body, wait the
-model's first-token delay, then write one SSE frame per token on absolute
-deadlines. No auth, no event log, no resume, no heartbeat.
+It runs the gateway's own `SimulatedProvider` (same text, same pacing, same
+CPU for the model itself) and writes one SSE frame per delta straight from the
+handler: what a minimal hand-written streaming endpoint does. No event log,
+no resume, no heartbeat or stall watchdog, no middleware, no auth.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import orjson
 from aiohttp import web
 
+from gateway.config import SimulatedModel
+from gateway.providers.base import Finish
+from gateway.providers.simulated import SimulatedProvider
+from gateway.schema import parse_generation_request
 from gateway.server import new_event_loop
-
-WORDS = ("Latency ", "adds ", "up ", "quickly: ", "a ", "request ", "from ", "東京 ", "spends ")
 
 
 def make_app(tokens_per_second: float, first_token_ms: float) -> web.Application:
-    interval = 1.0 / tokens_per_second
+    model = SimulatedProvider(
+        SimulatedModel(
+            name="sim-1",
+            provider="simulated",
+            tokens_per_second=tokens_per_second,
+            first_token_ms=first_token_ms,
+        )
+    )
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def stream(request: web.Request) -> web.StreamResponse:
-        body = orjson.loads(await request.read())
-        max_tokens = int(body.get("max_tokens", 200))
+        generation = parse_generation_request(orjson.loads(await request.read()))
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        loop = asyncio.get_running_loop()
-        start = loop.time() + first_token_ms / 1000
-        for seq in range(max_tokens):
-            delay = start + seq * interval - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            data = orjson.dumps({"type": "token", "text": WORDS[seq % len(WORDS)]})
+        seq = 0
+        async for item in model.stream(generation):
+            if isinstance(item, Finish):
+                data = orjson.dumps({"type": "done", "finish_reason": item.finish_reason})
+                await response.write(b"event: done\ndata: %s\n\n" % data)
+                break
+            data = orjson.dumps({"type": "token", "seq": seq, "text": item})
             await response.write(b"id: b:%d\nevent: token\ndata: %s\n\n" % (seq, data))
-        await response.write(b'event: done\ndata: {"type":"done"}\n\n')
+            seq += 1
         return response
 
     app = web.Application()
@@ -56,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-second", type=float, default=50)
     parser.add_argument("--first-token-ms", type=float, default=150)
     args = parser.parse_args(argv)
-    app = make_app(args.tokens_per_second, args.first_token_ms)
     web.run_app(
-        app,
+        make_app(args.tokens_per_second, args.first_token_ms),
         host="127.0.0.1",
         port=args.port,
         print=None,

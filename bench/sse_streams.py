@@ -151,11 +151,11 @@ ROWS = (
     ("streams held (peak open at once)", "held_peak", "{:.0f}", None),
     ("streams completed with every token", "completed", "{:.0f}", None),
     ("errors", "errors", "{:.0f}", None),
-    ("TTFT added over the model's own delay, p50 (ms)", "ttft_added_p50_ms", "{:.1f}", "diff"),
-    ("TTFT added over the model's own delay, p99 (ms)", "ttft_added_p99_ms", "{:.1f}", "diff"),
+    ("TTFT added over the model's own delay, p50 (ms)", "ttft_added_p50_ms", "{:.1f}", "ms"),
+    ("TTFT added over the model's own delay, p99 (ms)", "ttft_added_p99_ms", "{:.1f}", "ms"),
     ("stream duration p99 (s)", "duration_p99_s", "{:.2f}", "ratio"),
     ("server CPU per 1,000 tokens (ms)", "cpu_ms_per_1k_tokens", "{:.1f}", "ratio"),
-    ("server RSS growth per open stream (KiB)", "rss_kib_per_stream", "{:.1f}", "ratio"),
+    ("server RSS growth per open stream (KiB)", "rss_kib_per_stream", "{:.1f}", "KiB"),
     ("server peak RSS (MiB)", "rss_mib", "{:.1f}", "ratio"),
 )
 
@@ -169,14 +169,14 @@ def report(rounds: list[dict[str, dict[str, float]]], args: argparse.Namespace) 
         f"{args.tokens_per_second:g} tokens/s (first token after {args.first_token_ms:g} ms), "
         f"started over {args.ramp_s:g} s; median of {len(rounds)} round(s)",
         "",
-        "| | baseline (bare aiohttp) | gateway | gateway vs baseline |",
+        "| | baseline (hand-rolled aiohttp, same model) | gateway | gateway vs baseline |",
         "|---|---:|---:|---:|",
     ]
     for label, key, fmt, compare in ROWS:
         base, gw = median("baseline", key), median("gateway", key)
         versus = ""
-        if compare == "diff":
-            versus = f"{gw - base:+.1f} ms"
+        if compare in ("ms", "KiB"):
+            versus = f"{gw - base:+.1f} {compare}"
         elif compare == "ratio" and base > 0:
             versus = f"× {gw / base:.2f}"
         lines.append(f"| {label} | {fmt.format(base)} | {fmt.format(gw)} | {versus} |")
