@@ -6,13 +6,25 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.access import access_middleware, add_cors_headers
+from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.config import Settings
 from gateway.errors import ShuttingDown
 from gateway.health import get_healthz, get_readyz, list_models
-from gateway.keys import Lifecycle, catalog_key, lifecycle_key, registry_key, settings_key
+from gateway.keys import (
+    Lifecycle,
+    authenticator_key,
+    catalog_key,
+    lifecycle_key,
+    limiter_key,
+    registry_key,
+    settings_key,
+)
 from gateway.middleware import echo_request_id, error_middleware, request_id_middleware
+from gateway.ratelimit import make_limiter
 from gateway.registry import GenerationRegistry
+from gateway.tickets import create_ticket
 from gateway.transports.chunked import stream_chunked
 from gateway.transports.generations import (
     create_generation,
@@ -28,6 +40,14 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
     app[catalog_key] = ModelCatalog(app[settings_key])
     yield
     await app[catalog_key].aclose()
+
+
+async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    limiter = app[limiter_key] = make_limiter(settings.rate_limit, settings.redis.url)
+    limiter.start()
+    yield
+    await limiter.aclose()
 
 
 async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -54,19 +74,24 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/generations", create_generation)
     app.router.add_get("/v1/generations/{generation_id}/events", generation_events)
     app.router.add_delete("/v1/generations/{generation_id}", delete_generation)
+    app.router.add_post("/v1/tickets", create_ticket)
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[request_id_middleware, error_middleware, access_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(add_cors_headers)
     app[settings_key] = settings
+    app[authenticator_key] = Authenticator(settings)
     app[lifecycle_key] = Lifecycle()
     add_routes(app)
-    # Torn down in reverse: generations stop before their providers close.
+    # Torn down in reverse: generations stop (releasing their leases) before
+    # the limiter and the providers close.
     app.cleanup_ctx.append(catalog_ctx)
+    app.cleanup_ctx.append(limiter_ctx)
     app.cleanup_ctx.append(registry_ctx)
     app.on_shutdown.append(stop_generations_on_shutdown)
     return app

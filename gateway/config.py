@@ -88,12 +88,21 @@ class ApiKey(_Section):
 
 
 class JwtSettings(_Section):
-    algorithms: tuple[Literal["HS256", "RS256"], ...] = ("HS256",)
+    algorithms: tuple[Literal["HS256", "RS256"], ...] = Field(default=("HS256",), min_length=1)
     secret: SecretStr | None = None
     public_key: str | None = None
     jwks_url: str | None = None
     audience: str | None = None
     issuer: str | None = None
+    leeway_s: float = Field(default=30, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> JwtSettings:
+        if "HS256" in self.algorithms and self.secret is None:
+            raise ValueError("secret: required when algorithms include HS256")
+        if "RS256" in self.algorithms and not (self.public_key or self.jwks_url):
+            raise ValueError("public_key: required (or jwks_url) when algorithms include RS256")
+        return self
 
 
 class AuthSettings(_Section):
@@ -102,12 +111,17 @@ class AuthSettings(_Section):
     jwt: JwtSettings | None = None
     query_token: bool = True
     cookie: str | None = None
+    #: Signs stream tickets; replicas must share it. None: random per process.
+    ticket_secret: SecretStr | None = None
+    ticket_ttl_s: float = Field(default=300, gt=0, le=3600)
 
 
 class RateLimitSettings(_Section):
     backend: Literal["memory", "redis"] = "memory"
     fail_open: bool = True
     default: Limits = Limits()
+    #: Tokens reserved for a request without `max_tokens`, reconciled at its end.
+    default_reserve_tokens: int = Field(default=1024, ge=0)
 
 
 class RedisSettings(_Section):

@@ -60,6 +60,7 @@ class Generation:
         self._grace_s = resume_grace_s
         self._grace_timer: asyncio.TimerHandle | None = None
         self._on_finished = on_finished
+        self._final_usage: Usage | None = None
         #: One future per waiting subscriber, resolved by the next append.
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -116,6 +117,7 @@ class Generation:
                     self._append("token", {"text": item})
             if finish is None:
                 raise UpstreamError("upstream ended the stream without a finish reason")
+            self._final_usage = finish.usage
             self._append(
                 "done", {"finish_reason": finish.finish_reason, "usage": finish.usage.as_dict()}
             )
@@ -143,6 +145,11 @@ class Generation:
             self._append_stopped()
         self._cancel_grace_timer()
         self._on_finished(self)
+
+    @property
+    def used_tokens(self) -> int:
+        """Prompt plus completion tokens, as charged against the caller's budget."""
+        return (self._final_usage or self._usage()).total_tokens
 
     def _usage(self) -> Usage:
         return Usage(estimate_prompt_tokens(self.request), self.completion_tokens)

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.auth import ANONYMOUS_ID, Authenticator, Principal
 from gateway.catalog import ModelCatalog
-from gateway.config import Settings
+from gateway.config import Limits, Settings
+from gateway.ratelimit import RateLimiter
 from gateway.registry import GenerationRegistry
 
 
@@ -22,13 +24,23 @@ settings_key = web.AppKey("settings", Settings)
 catalog_key = web.AppKey("catalog", ModelCatalog)
 registry_key = web.AppKey("registry", GenerationRegistry)
 lifecycle_key = web.AppKey("lifecycle", Lifecycle)
+authenticator_key = web.AppKey("authenticator", Authenticator)
+limiter_key = web.AppKey("limiter", RateLimiter)
 
-#: Who is calling: an API key id, a JWT `sub`, or `anonymous`.
-principal_key = web.RequestKey("principal", str)
+#: Who is calling, set by the access middleware on every non-open route.
+principal_key = web.RequestKey("principal", Principal)
 request_id_key = web.RequestKey("request_id", str)
+#: The allowed cross-origin `Origin` of this request, for the CORS headers.
+cors_origin_key = web.RequestKey("cors_origin", str)
 
-ANONYMOUS = "anonymous"
+#: Only for code paths that run without the access middleware (never in `create_app`).
+_NOBODY = Principal(ANONYMOUS_ID, "anonymous", Limits(), ANONYMOUS_ID)
+
+
+def principal(request: web.Request) -> Principal:
+    return request.get(principal_key, _NOBODY)
 
 
 def principal_of(request: web.Request) -> str:
-    return request.get(principal_key, ANONYMOUS)
+    """The id that owns generations: `key:<id>`, `sub:<jwt sub>`, or `anonymous`."""
+    return principal(request).id

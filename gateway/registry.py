@@ -15,6 +15,7 @@ from gateway.config import StreamSettings
 from gateway.errors import GatewayError, GenerationNotFound
 from gateway.generation import Generation
 from gateway.providers.base import Provider
+from gateway.ratelimit import Lease
 from gateway.schema import GenerationRequest
 
 ID_PREFIX = "gen_"
@@ -34,6 +35,8 @@ class GenerationRegistry:
         self._finished: OrderedDict[str, Generation] = OrderedDict()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._finished_bytes = 0
+        self._leases: dict[str, Lease] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._running) + len(self._finished)
@@ -54,8 +57,9 @@ class GenerationRegistry:
         model: str,
         provider: Provider,
         resume_grace_s: float | None = None,
+        lease: Lease | None = None,
     ) -> Generation:
-        """Start a generation; `resume_grace_s` overrides the configured grace."""
+        """Start a generation; `lease` is released with its usage when it ends."""
         if resume_grace_s is None:
             resume_grace_s = self._settings.resume_grace_s
         generation = Generation(
@@ -68,6 +72,8 @@ class GenerationRegistry:
             on_finished=self._retain,
         )
         self._running[generation.id] = generation
+        if lease is not None:
+            self._leases[generation.id] = lease
         generation.start()
         return generation
 
@@ -80,6 +86,11 @@ class GenerationRegistry:
 
     def _retain(self, generation: Generation) -> None:
         self._running.pop(generation.id, None)
+        lease = self._leases.pop(generation.id, None)
+        if lease is not None:
+            task = asyncio.get_running_loop().create_task(lease.release(generation.used_tokens))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
         if self._settings.retention_s <= 0:
             return
         self._finished[generation.id] = generation
@@ -110,5 +121,6 @@ class GenerationRegistry:
         for generation in running:
             generation.cancel("shutdown")
         await asyncio.gather(*(g.wait() for g in running), return_exceptions=True)
+        await asyncio.gather(*self._releasing, return_exceptions=True)
         for generation_id in list(self._finished):
             self._forget(generation_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -23,9 +24,22 @@ FAST_MODEL = {
 }
 
 
+#: A key every test gateway accepts (OpenAI SDKs always send one, and a wrong
+#: key is a 401 even where anonymous access is on).
+TEST_API_KEY = "gw_test_key_for_the_suite"
+TEST_KEY_CONFIG = {"id": "test", "sha256": hashlib.sha256(TEST_API_KEY.encode()).hexdigest()}
+UNLIMITED = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
+
+
 def make_settings(**sections: Any) -> Settings:
     """Settings with a fast simulated model; `sections` replace or extend config sections."""
-    tree: dict[str, Any] = {"models": [FAST_MODEL], "streams": {"heartbeat_s": 15}}
+    tree: dict[str, Any] = {
+        "models": [FAST_MODEL],
+        "streams": {"heartbeat_s": 15},
+        # No limits unless a test sets them: most tests are not about rate limiting.
+        "rate_limit": {"default": UNLIMITED},
+        "auth": {"anonymous": True, "api_keys": [{**TEST_KEY_CONFIG, "limits": UNLIMITED}]},
+    }
     for name, value in sections.items():
         if isinstance(value, dict) and isinstance(tree.get(name), dict):
             tree[name] = {**tree[name], **value}

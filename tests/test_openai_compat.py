@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from gateway.keys import registry_key
-from tests.conftest import StartGateway
+from tests.conftest import TEST_API_KEY, StartGateway
 from tests.helpers import read_ndjson, text_of
 
 MESSAGES = [{"role": "user", "content": "Explain vector databases."}]
@@ -23,7 +23,7 @@ async def reference_text(server, max_tokens: int, seed: int) -> str:
 
 
 def client(server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0)
+    return openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0)
 
 
 async def test_async_streaming_with_usage(start_gateway: StartGateway) -> None:
@@ -69,7 +69,7 @@ async def test_sync_client_streaming_and_not(start_gateway: StartGateway) -> Non
     server = await start_gateway()
 
     def run() -> tuple[str, str]:
-        with openai.OpenAI(base_url=str(server.make_url("/v1")), api_key="x") as sdk:
+        with openai.OpenAI(base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY) as sdk:
             stream = sdk.chat.completions.create(
                 model="sim-1", messages=MESSAGES, stream=True, max_tokens=10, seed=2
             )

@@ -49,5 +49,5 @@ async def serve_ndjson(
 
 async def stream_chunked(request: web.Request) -> web.StreamResponse:
     """POST /v1/stream/chunked"""
-    generation = start_from_dict(request, await read_json_body(request))
+    generation = await start_from_dict(request, await read_json_body(request))
     return await serve_ndjson(request, generation, after_seq=-1)

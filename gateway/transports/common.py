@@ -7,10 +7,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import BodyTooLarge, InvalidRequest, ShuttingDown
-from gateway.generation import Generation
+from gateway.generation import Generation, estimate_prompt_tokens
 from gateway.keys import (
     catalog_key,
     lifecycle_key,
+    limiter_key,
+    principal,
     principal_of,
     registry_key,
     request_id_key,
@@ -43,24 +45,33 @@ def ensure_accepting(request: web.Request) -> None:
         )
 
 
-def start_generation(
+async def start_generation(
     request: web.Request, body: GenerationRequest, *, resume_grace_s: float | None = None
 ) -> Generation:
-    """Resolve the model (404 if unknown) and start the generation for this principal."""
+    """Resolve the model (404), admit it against the caller's limits (429), start it.
+
+    The lease is released by the registry when the generation ends, however
+    it ends, with the tokens it really used.
+    """
     ensure_accepting(request)
     entry = request.app[catalog_key].resolve(body.model)
+    caller = principal(request)
+    default_reserve = request.app[settings_key].rate_limit.default_reserve_tokens
+    reserve = estimate_prompt_tokens(body) + (body.max_tokens or default_reserve)
+    lease = await request.app[limiter_key].admit(caller.rate_key, caller.limits, reserve)
     body.for_upstream(request_id=request.get(request_id_key))
     return request.app[registry_key].start(
         body,
-        principal=principal_of(request),
+        principal=caller.id,
         model=entry.settings.name,
         provider=entry.provider,
         resume_grace_s=resume_grace_s,
+        lease=lease,
     )
 
 
-def start_from_dict(request: web.Request, data: dict[str, Any]) -> Generation:
-    return start_generation(request, parse_generation_request(data))
+async def start_from_dict(request: web.Request, data: dict[str, Any]) -> Generation:
+    return await start_generation(request, parse_generation_request(data))
 
 
 def find_generation(request: web.Request, generation_id: str) -> Generation:

@@ -245,7 +245,7 @@ async def _complete(request: web.Request, generation: Generation) -> web.Respons
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
     chat, stream, include_usage = parse_chat_request(await read_json_body(request))
-    generation = start_generation(request, chat, resume_grace_s=0)
+    generation = await start_generation(request, chat, resume_grace_s=0)
     if stream:
         return await _stream(request, generation, include_usage)
     return await _complete(request, generation)

@@ -105,4 +105,4 @@ async def stream_sse(request: web.Request) -> web.StreamResponse:
         body = await read_json_body(request)
     else:
         body = body_from_query(request.query)
-    return await serve_sse(request, start_from_dict(request, body), after_seq=-1)
+    return await serve_sse(request, await start_from_dict(request, body), after_seq=-1)

@@ -90,7 +90,7 @@ class WebSocketSession:
             )
             kind = message.get("type")
             if kind == "generate":
-                self._generate(message)
+                await self._generate(message)
             elif kind == "resume":
                 self._resume(message)
             elif kind == "cancel":
@@ -113,10 +113,11 @@ class WebSocketSession:
             raise TooManyStreams(f"at most {self._max_active} streams may run on one socket")
         return request_id
 
-    def _generate(self, message: dict[str, Any]) -> None:
+    async def _generate(self, message: dict[str, Any]) -> None:
         request_id = self._reserve(message)
         body = {k: v for k, v in message.items() if k not in _CONTROL_FIELDS}
-        self._forward(request_id, start_from_dict(self._request, body), after_seq=-1)
+        generation = await start_from_dict(self._request, body)
+        self._forward(request_id, generation, after_seq=-1)
 
     def _resume(self, message: dict[str, Any]) -> None:
         request_id = self._reserve(message)
