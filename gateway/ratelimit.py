@@ -217,9 +217,10 @@ _SCRIPTS = Path(__file__).with_name("lua")
 class RedisBackend:
     """All replicas share one budget: every decision is one atomic Lua call."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lease_ttl_s: float = LEASE_TTL_S) -> None:
         import redis.asyncio as redis
 
+        self._lease_ttl_ms = int(lease_ttl_s * 1000)
         # Blocking pool: the default pool raises at 100 concurrent commands (NOTES §10).
         # Short timeouts: a dead Redis must cost a request milliseconds, not seconds.
         pool = redis.BlockingConnectionPool.from_url(
@@ -254,7 +255,7 @@ class RedisBackend:
             limits.concurrent_streams,
             reserve,
             lease_id,
-            int(LEASE_TTL_S * 1000),
+            self._lease_ttl_ms,
         ]
         try:
             allowed, limit, wait_ms, remaining = await self._acquire(self._keys(key), args)
@@ -280,7 +281,7 @@ class RedisBackend:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, ids in by_key.items():
                     await self._refresh(
-                        [self._keys(key)[2]], [int(LEASE_TTL_S * 1000), *ids], client=pipe
+                        [self._keys(key)[2]], [self._lease_ttl_ms, *ids], client=pipe
                     )
                 await pipe.execute()
         except self._errors as exc:
@@ -293,7 +294,9 @@ class RedisBackend:
             return False
 
     async def aclose(self) -> None:
+        # A pool passed in is not closed by `Redis.aclose()`; close its sockets too.
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
 
 # -- the limiter -------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Settings
+from tests.redis_server import RedisProcess
 
 #: Fast defaults for tests; each test overrides what it exercises.
 FAST_MODEL = {
@@ -74,3 +75,14 @@ def require_binary(name: str) -> str:
             pytest.fail(f"{name} is required under CI but is not installed")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    """A real redis-server on a free loopback port (killed and restarted by some tests)."""
+    server = RedisProcess(require_binary("redis-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -23,7 +23,9 @@ async def reference_text(server, max_tokens: int, seed: int) -> str:
 
 
 def client(server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0)
+    return openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0
+    )
 
 
 async def test_async_streaming_with_usage(start_gateway: StartGateway) -> None:
