@@ -49,7 +49,12 @@ class Gauge:
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, url: str, body: bytes, gauge: Gauge, timeout_s: float
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    gauge: Gauge,
+    timeout_s: float,
+    headers: dict[str, str],
 ) -> StreamResult:
     result = StreamResult()
     started = time.perf_counter()
@@ -58,7 +63,7 @@ async def one_stream(
         async with session.post(
             url,
             data=body,
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as response:
             if response.status != 200:
@@ -93,6 +98,9 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     gauge = Gauge()
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if args.bearer:
+        headers["Authorization"] = f"Bearer {args.bearer}"
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -105,7 +113,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     "seed": index,
                 }
             )
-            return await one_stream(session, args.url, body, gauge, args.timeout_s)
+            return await one_stream(session, args.url, body, gauge, args.timeout_s, headers)
 
         began = time.perf_counter()
         results = await asyncio.gather(*(staggered(i) for i in range(args.streams)))
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--ramp-s", type=float, default=1.0, help="spread stream starts")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--bearer", help="send Authorization: Bearer <this>")
     args = parser.parse_args(argv)
     from gateway.server import new_event_loop
 

@@ -42,6 +42,7 @@ class Server:
     name: str
     url: str
     process: asyncio.subprocess.Process
+    bearer: str | None = None
 
     @property
     def ps(self) -> psutil.Process:
@@ -84,7 +85,6 @@ def gateway_config(port: int, args: argparse.Namespace) -> dict[str, object]:
 
 
 async def start_servers(args: argparse.Namespace, workdir: Path) -> list[Server]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     gw_port, base_port = free_port(), free_port()
     config = workdir / "bench-gateway.yaml"
     config.write_text(yaml.safe_dump(gateway_config(gw_port, args)))
@@ -99,15 +99,17 @@ async def start_servers(args: argparse.Namespace, workdir: Path) -> list[Server]
             base_port,
         ),
     }
-    servers = []
-    for name, (argv, port) in commands.items():
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=None
-        )
-        base = f"http://127.0.0.1:{port}"
-        await wait_ready(base, process)
-        servers.append(Server(name, base + "/v1/stream/sse", process))
-    return servers
+    return [await start_process(name, argv, port) for name, (argv, port) in commands.items()]
+
+
+async def start_process(name: str, argv: list[str], port: int, bearer: str | None = None) -> Server:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=None
+    )
+    base = f"http://127.0.0.1:{port}"
+    await wait_ready(base, process)
+    return Server(name, base + "/v1/stream/sse", process, bearer)
 
 
 async def measure(server: Server, args: argparse.Namespace) -> dict[str, float]:
@@ -121,6 +123,7 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, float]:
         *(sys.executable, "-m", "bench.loadgen", "--url", server.url),
         *("--streams", str(args.streams), "--max-tokens", str(args.max_tokens)),
         *("--ramp-s", str(args.ramp_s)),
+        *(("--bearer", server.bearer) if server.bearer else ()),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
