@@ -1,4 +1,8 @@
-"""Log set-up: one JSON object per line (or plain text for humans)."""
+"""Log set-up: one JSON object per line (or plain text for humans).
+
+Every line passes through `redact_tokens`, so a URL with `?access_token=`
+logged anywhere (by us or a library) never leaks the credential.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from gateway.auth import redact_tokens
 from gateway.config import LoggingSettings
 
 #: LogRecord attributes that are not user-supplied `extra` fields.
@@ -30,7 +35,12 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return redact_tokens(orjson.dumps(entry, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_tokens(super().format(record))
 
 
 def configure_logging(settings: LoggingSettings) -> None:
@@ -38,7 +48,7 @@ def configure_logging(settings: LoggingSettings) -> None:
     if settings.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
