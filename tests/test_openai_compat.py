@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from gateway.keys import registry_key
-from tests.conftest import TEST_API_KEY, StartGateway
+from tests.conftest import TEST_API_KEY, TEST_KEY_CONFIG, StartGateway
 from tests.helpers import read_ndjson, text_of
 
 MESSAGES = [{"role": "user", "content": "Explain vector databases."}]
@@ -186,3 +186,35 @@ async def test_disconnect_cancels_at_once_even_with_a_grace(start_gateway: Start
     while registry.running and loop.time() < deadline:
         await asyncio.sleep(0.005)
     assert registry.running == 0
+
+
+async def test_sdk_sees_a_wrong_key_as_authentication_error(start_gateway: StartGateway) -> None:
+    server = await start_gateway()
+    sdk = openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key="sk-wrong", max_retries=0
+    )
+    try:
+        with pytest.raises(openai.AuthenticationError) as error:
+            await sdk.chat.completions.create(model="sim-1", messages=MESSAGES, stream=True)
+        assert error.value.status_code == 401
+        assert error.value.code == "unauthorized"
+        with pytest.raises(openai.AuthenticationError):
+            await sdk.models.list()
+    finally:
+        await sdk.close()
+
+
+async def test_sdk_sees_a_rate_limit_as_rate_limit_error(start_gateway: StartGateway) -> None:
+    one_per_minute = {"requests_per_minute": 1, "tokens_per_minute": 0, "concurrent_streams": 0}
+    server = await start_gateway(
+        auth={"anonymous": True, "api_keys": [{**TEST_KEY_CONFIG, "limits": one_per_minute}]}
+    )
+    sdk = client(server)
+    try:
+        await sdk.chat.completions.create(model="sim-1", messages=MESSAGES, max_tokens=3)
+        with pytest.raises(openai.RateLimitError) as error:
+            await sdk.chat.completions.create(model="sim-1", messages=MESSAGES, max_tokens=3)
+        assert error.value.code == "rate_limited"
+        assert int(error.value.response.headers["Retry-After"]) >= 1
+    finally:
+        await sdk.close()
