@@ -19,6 +19,8 @@ import aiohttp
 import orjson
 
 TOKEN_MARK = b"\nevent: token\n"
+#: In OpenAI's chunks; the role chunk (`"delta":{"role":…`) does not match.
+CHAT_TOKEN_MARK = b'"delta":{"content":'
 
 
 @dataclass
@@ -55,6 +57,7 @@ async def one_stream(
     gauge: Gauge,
     timeout_s: float,
     headers: dict[str, str],
+    mark: bytes = TOKEN_MARK,
 ) -> StreamResult:
     result = StreamResult()
     started = time.perf_counter()
@@ -73,12 +76,12 @@ async def one_stream(
             try:
                 async for chunk in response.content.iter_any():
                     window = tail + chunk
-                    found = window.count(TOKEN_MARK)
+                    found = window.count(mark)
                     if found and result.ttft_s is None:
                         result.ttft_s = time.perf_counter() - started
                     result.tokens += found
-                    tail = window[-(len(TOKEN_MARK) - 1) :]
-                    if b"event: error" in window:
+                    tail = window[-(len(mark) - 1) :]
+                    if b"event: error" in window or b'data: {"error"' in window:
                         result.error = "error event"
             finally:
                 gauge.leave()
@@ -106,14 +109,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
         async def staggered(index: int) -> StreamResult:
             await asyncio.sleep(args.ramp_s * index / max(1, args.streams))
-            body = orjson.dumps(
-                {
-                    "messages": [{"role": "user", "content": f"bench stream {index}"}],
-                    "max_tokens": args.max_tokens,
-                    "seed": index,
-                }
-            )
-            return await one_stream(session, args.url, body, gauge, args.timeout_s, headers)
+            fields: dict[str, object] = {
+                "messages": [{"role": "user", "content": f"bench stream {index}"}],
+                "max_tokens": args.max_tokens,
+                "seed": index,
+            }
+            if args.model:
+                fields["model"] = args.model
+            if args.chat:
+                fields["stream"] = True
+            body = orjson.dumps(fields)
+            mark = CHAT_TOKEN_MARK if args.chat else TOKEN_MARK
+            return await one_stream(session, args.url, body, gauge, args.timeout_s, headers, mark)
 
         began = time.perf_counter()
         results = await asyncio.gather(*(staggered(i) for i in range(args.streams)))
@@ -145,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp-s", type=float, default=1.0, help="spread stream starts")
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--bearer", help="send Authorization: Bearer <this>")
+    parser.add_argument("--model", help="the request's model")
+    parser.add_argument(
+        "--chat", action="store_true", help="an OpenAI chat-completions stream (stream: true)"
+    )
     args = parser.parse_args(argv)
     from gateway.server import new_event_loop
 

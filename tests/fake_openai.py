@@ -38,6 +38,7 @@ class FakeOpenAI:
     error_after: int | None = None  # an in-stream `{"error": …}` after N tokens
     malformed_after: int | None = None
     omit_finish: bool = False
+    record: bool = True  # a benchmark keeps no history
     requests: list[Recorded] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -54,7 +55,8 @@ class FakeOpenAI:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         record = Recorded(body, dict(request.headers))
-        self.requests.append(record)
+        if self.record:
+            self.requests.append(record)
         if self.fail_status is not None and len(self.requests) <= self.fail_times:
             headers = {"Retry-After": self.retry_after} if self.retry_after else None
             error = {"message": self.fail_message, "type": "server_error"}
