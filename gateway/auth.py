@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 import secrets
 import time
@@ -34,7 +35,10 @@ TICKET_ISSUER = "gateway"
 ANONYMOUS_ID = "anonymous"
 #: GET routes whose clients cannot send headers, so `?access_token=` is accepted.
 QUERY_TOKEN_ROUTES = ("/v1/stream/sse", "/v1/stream/ws", "/v1/generations/")
-_TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s\"']*", re.IGNORECASE)
+#: The parameter name with any of its characters percent-encoded (`access%5Ftoken` is
+#: decoded to `access_token` by the query parser, so it is a credential too).
+_TOKEN_NAME = "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in "access_token")
+_TOKEN_IN_QUERY = re.compile(rf"({_TOKEN_NAME}=)[^&\s\"']*", re.IGNORECASE)
 
 
 class Unauthorized(GatewayError):
@@ -215,7 +219,8 @@ class Authenticator:
         if principal.kind == "ticket":
             raise Forbidden("a ticket cannot mint another ticket")
         ttl = min(ttl_s or self._auth.ticket_ttl_s, self._auth.ticket_ttl_s)
-        expires_at = int(time.time() + ttl)
+        # Rounded up: truncating could hand out a ticket that is already expired.
+        expires_at = math.ceil(time.time() + ttl)
         claims = {
             "iss": TICKET_ISSUER,
             "aud": TICKET_AUDIENCE,
