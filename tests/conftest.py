@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Settings
+from tests.fake_upstream import fake_upstream, start_fake_upstream  # noqa: F401 (fixtures)
 from tests.redis_server import RedisProcess
 
 #: Fast defaults for tests; each test overrides what it exercises.

@@ -5,7 +5,10 @@ Independent of our encoder on purpose: it is how a browser reads the stream.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass
@@ -45,16 +48,17 @@ class SseParser:
                     cut = len(raw) - back
             break
         text, self._pending = raw[:cut].decode("utf-8", "replace"), raw[cut:]
-        for char in text:
-            if self._saw_cr and char == "\n":
-                self._saw_cr = False
-                continue
-            self._saw_cr = char == "\r"
-            if char in "\r\n":
-                self._line(self._buffer)
-                self._buffer = ""
-            else:
-                self._buffer += char
+        if not text:
+            return []
+        # A CRLF split across chunks: the LF ends no second line.
+        position = 1 if self._saw_cr and text[0] == "\n" else 0
+        self._saw_cr = text[-1] == "\r"
+        # Whole lines at a time (not char by char), so a large event stays linear.
+        for end in _LINE_END.finditer(text, position):
+            self._line(self._buffer + text[position : end.start()])
+            self._buffer = ""
+            position = end.end()
+        self._buffer += text[position:]
         return self.events[start:]
 
     def _line(self, line: str) -> None:

@@ -70,9 +70,12 @@ class OpenAIProvider:
             "messages": extra.pop("messages", None) or [m.model_dump() for m in request.chat],
             "stream": True,
             "stream_options": {**extra.pop("stream_options", {}), "include_usage": True},
-            "temperature": request.temperature,
-            "top_p": request.top_p,
         }
+        # Sampling parameters only when the client chose them: the upstream's own
+        # defaults differ from ours, and reasoning models refuse any but their own.
+        for name in ("temperature", "top_p"):
+            if name in request.model_fields_set:
+                body[name] = getattr(request, name)
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         if request.stop:
