@@ -26,7 +26,15 @@ from typing import Any
 
 import yaml
 
-from bench.sse_streams import Server, free_port, gateway_config, measure, start_process
+from bench.sse_streams import (
+    Server,
+    free_port,
+    gateway_config,
+    load_parser,
+    measure,
+    parse_load_args,
+    start_process,
+)
 
 ROWS = (
     ("TTFT added, p50 (ms)", "ttft_added_p50_ms"),
@@ -115,17 +123,7 @@ def report(rounds: list[dict[str, dict[str, float]]], args: argparse.Namespace) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", type=int, default=500)
-    parser.add_argument("--tokens-per-second", type=float, default=50)
-    parser.add_argument("--first-token-ms", type=float, default=150)
-    parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--ramp-s", type=float, default=1.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="100 streams, 50 tokens, 1 round")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.streams, args.max_tokens, args.rounds = 100, 50, 1
+    args = parse_load_args(load_parser(__doc__.splitlines()[0]), argv)
     rounds = asyncio.run(run(args))
     print("\n" + report(rounds, args))
     failed = any(r[s]["completed"] < args.streams for r in rounds for s in r)

@@ -216,19 +216,30 @@ def main_report(rounds: list[dict[str, dict[str, float]]], args: argparse.Namesp
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_parser(description: str) -> argparse.ArgumentParser:
+    """The load options every simulated-model scenario shares."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--tokens-per-second", type=float, default=50)
     parser.add_argument("--first-token-ms", type=float, default=150)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--ramp-s", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", help="also write every round's raw figures here")
     parser.add_argument("--quick", action="store_true", help="100 streams, 50 tokens, 1 round")
+    return parser
+
+
+def parse_load_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.streams, args.max_tokens, args.rounds = 100, 50, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = load_parser(__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write every round's raw figures here")
+    args = parse_load_args(parser, argv)
     return main_report(asyncio.run(run_rounds(args)), args)
 
 
