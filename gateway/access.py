@@ -12,8 +12,14 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway.auth import Forbidden
-from gateway.keys import authenticator_key, cors_origin_key, principal_key, settings_key
+from gateway.auth import Forbidden, Unauthorized
+from gateway.keys import (
+    authenticator_key,
+    cors_origin_key,
+    metrics_key,
+    principal_key,
+    settings_key,
+)
 from gateway.middleware import Handler
 
 #: No credential and no limit: probes and scrapers must always get through.
@@ -53,6 +59,25 @@ def _preflight(origin: str) -> web.Response:
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if is_open(request.path):
         return await handler(request)
+    try:
+        await _admit(request)
+    except Unauthorized as exc:
+        request.app[metrics_key].auth_failed(exc.reason)
+        raise
+    except Forbidden:
+        request.app[metrics_key].auth_failed("forbidden_origin")
+        raise
+    if request.method == "OPTIONS" and cors_origin_key in request and _is_preflight(request):
+        return _preflight(request[cors_origin_key])
+    return await handler(request)
+
+
+def _is_preflight(request: web.Request) -> bool:
+    return "Access-Control-Request-Method" in request.headers
+
+
+async def _admit(request: web.Request) -> None:
+    """Judge the origin, then the credential; sets the principal (or raises)."""
     origin = request.headers.get("Origin")
     if origin is not None:
         allowed = request.app[settings_key].server.allowed_origins
@@ -61,8 +86,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
                 f"origin {origin[:200]!r} is not allowed; list it in server.allowed_origins"
             )
         request[cors_origin_key] = origin
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            return _preflight(origin)
+        if request.method == "OPTIONS" and _is_preflight(request):
+            return
     authenticator = request.app[authenticator_key]
     token = authenticator.credential(
         request.method, request.path, request.headers, request.query, request.cookies
@@ -70,7 +95,6 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     request[principal_key] = await authenticator.authenticate(
         token, request.remote, request.headers.get("X-Forwarded-For")
     )
-    return await handler(request)
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -18,12 +18,17 @@ from gateway.keys import (
     catalog_key,
     lifecycle_key,
     limiter_key,
+    metrics_key,
     registry_key,
     settings_key,
 )
+from gateway.metrics import GatewayMetrics
+from gateway.metrics_http import add_metrics_route
 from gateway.middleware import echo_request_id, error_middleware, request_id_middleware
+from gateway.observe import observe_middleware, record_status
 from gateway.ratelimit import make_limiter
 from gateway.registry import GenerationRegistry
+from gateway.static_routes import add_static_routes
 from gateway.tickets import create_ticket
 from gateway.transports.chunked import stream_chunked
 from gateway.transports.generations import (
@@ -37,7 +42,7 @@ from gateway.transports.websocket import stream_ws
 
 
 async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[catalog_key] = ModelCatalog(app[settings_key])
+    app[catalog_key] = ModelCatalog(app[settings_key], app[metrics_key])
     yield
     await app[catalog_key].aclose()
 
@@ -45,6 +50,9 @@ async def catalog_ctx(app: web.Application) -> AsyncIterator[None]:
 async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
     limiter = app[limiter_key] = make_limiter(settings.rate_limit, settings.redis.url)
+    metrics = app[metrics_key]
+    limiter.on_refused.append(metrics.refused)
+    limiter.on_backend_error.append(metrics.rate_limit_backend_errors.inc)
     limiter.start()
     yield
     await limiter.aclose()
@@ -75,19 +83,37 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/generations/{generation_id}/events", generation_events)
     app.router.add_delete("/v1/generations/{generation_id}", delete_generation)
     app.router.add_post("/v1/tickets", create_ticket)
+    add_static_routes(app)
+
+
+def new_metrics(settings: Settings) -> GatewayMetrics:
+    metrics = GatewayMetrics(
+        ((m.name, m.provider) for m in settings.models),
+        enabled=settings.server.metrics_enabled,
+    )
+    metrics.streams_limit.set(settings.server.max_streams)
+    return metrics
 
 
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, access_middleware],
+        middlewares=[
+            observe_middleware,
+            request_id_middleware,
+            error_middleware,
+            access_middleware,
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     app.on_response_prepare.append(echo_request_id)
+    app.on_response_prepare.append(record_status)
     app.on_response_prepare.append(add_cors_headers)
     app[settings_key] = settings
     app[authenticator_key] = Authenticator(settings)
     app[lifecycle_key] = Lifecycle()
+    app[metrics_key] = new_metrics(settings)
     add_routes(app)
+    add_metrics_route(app)
     # Torn down in reverse: generations stop (releasing their leases) before
     # the limiter and the providers close.
     app.cleanup_ctx.append(catalog_ctx)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from gateway.config import ModelSettings, OpenAIModel, Settings, SimulatedModel
 from gateway.errors import ModelNotFound
+from gateway.metrics import GatewayMetrics
 from gateway.providers.base import Provider
+from gateway.providers.instrumented import InstrumentedProvider
 from gateway.providers.openai import OpenAIProvider
 from gateway.providers.resilience import Attempt, FallbackChain
 from gateway.providers.simulated import SimulatedProvider
@@ -32,9 +34,14 @@ def _retries(model: ModelSettings) -> int:
 class ModelCatalog:
     """Resolves a request's `model` (default: the first configured) to its provider chain."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
         self._models = {m.name: m for m in settings.models}
         self._providers = {m.name: build_provider(m) for m in settings.models}
+        if metrics is not None and metrics.enabled:
+            self._providers = {
+                name: InstrumentedProvider(p, metrics.upstream(p.kind, name))
+                for name, p in self._providers.items()
+            }
         self._entries = {m.name: CatalogEntry(m, self._chain(m)) for m in settings.models}
         self.default_model = settings.models[0].name
 

@@ -43,6 +43,11 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: Extension of the contract: a cap on concurrent streams per replica (0: none),
+    #: so an overloaded process sheds new streams with 503 instead of slowing all.
+    max_streams: int = Field(default=0, ge=0)
+    #: Extension of the contract: false turns every metric off (benchmarks measure the cost).
+    metrics_enabled: bool = True
 
 
 class StreamSettings(_Section):
@@ -131,6 +136,8 @@ class RedisSettings(_Section):
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
+    #: Extension of the contract: one line per request or stream at its end.
+    access_log: bool = True
 
 
 class Settings(_Section):

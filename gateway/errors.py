@@ -94,8 +94,12 @@ class UpstreamError(GatewayError):
         retryable: bool | None = None,
         retry_after_s: float | None = None,
         fallback: bool = True,
+        result: str | None = None,
     ) -> None:
         super().__init__(message, status=status, retryable=retryable)
+        #: The metric label of the upstream request: its HTTP status, or
+        #: `connect_error`; None lets the metrics layer infer it.
+        self.result = result
         #: The upstream's `Retry-After`, honoured by the retry loop.
         self.retry_after_s = retry_after_s
         #: False when another upstream would fail the same way (a bad request).

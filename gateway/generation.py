@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any, Literal
 
 from gateway.errors import GatewayError, InternalError, UpstreamError
@@ -109,12 +110,15 @@ class Generation:
     async def _run(self) -> None:
         finish: Finish | None = None
         try:
-            async for item in self.provider.stream(self.request):
-                if isinstance(item, Finish):
-                    finish = item
-                    break
-                if item:
-                    self._append("token", {"text": item})
+            # `aclosing`: the provider's `finally` (closing the upstream
+            # response) runs now, not when the generator is collected.
+            async with aclosing(self.provider.stream(self.request)) as items:
+                async for item in items:
+                    if isinstance(item, Finish):
+                        finish = item
+                        break
+                    if item:
+                        self._append("token", {"text": item})
             if finish is None:
                 raise UpstreamError("upstream ended the stream without a finish reason")
             self._final_usage = finish.usage

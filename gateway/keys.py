@@ -9,6 +9,7 @@ from aiohttp import web
 from gateway.auth import ANONYMOUS_ID, Authenticator, Principal
 from gateway.catalog import ModelCatalog
 from gateway.config import Limits, Settings
+from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.registry import GenerationRegistry
 
@@ -26,6 +27,7 @@ registry_key = web.AppKey("registry", GenerationRegistry)
 lifecycle_key = web.AppKey("lifecycle", Lifecycle)
 authenticator_key = web.AppKey("authenticator", Authenticator)
 limiter_key = web.AppKey("limiter", RateLimiter)
+metrics_key = web.AppKey("metrics", GatewayMetrics)
 
 #: Who is calling, set by the access middleware on every non-open route.
 principal_key = web.RequestKey("principal", Principal)

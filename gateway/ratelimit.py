@@ -313,7 +313,10 @@ class RateLimiter:
         self._logged_at = -math.inf
         self._refresher: asyncio.Task[None] | None = None
         self.backend_errors = 0
+        #: Called with the refusing limit's name (a metric label).
         self.on_refused: list[RefusalHook] = []
+        #: Called on every failed backend call.
+        self.on_backend_error: list[Callable[[], None]] = []
 
     @property
     def backend(self) -> Backend:
@@ -365,6 +368,8 @@ class RateLimiter:
         if self._settings.fail_open:
             lease.limiter = None
             return lease
+        for hook in self.on_refused:
+            hook("backend_unavailable")
         raise RateLimited(
             "rate limiter unavailable; retry shortly",
             status=503,
@@ -373,6 +378,8 @@ class RateLimiter:
 
     def _note_failure(self, exc: BackendUnavailable) -> None:
         self.backend_errors += 1
+        for hook in self.on_backend_error:
+            hook()
         now = time.monotonic()
         self._down_until = now + _BACKOFF_S
         if now - self._logged_at >= _LOG_EVERY_S:

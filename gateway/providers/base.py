@@ -8,7 +8,7 @@ its upstream connection in `finally` (or an `async with`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -48,7 +48,7 @@ class Provider(Protocol):
     #: The fixed `provider` metric label (`simulated`, `openai`).
     kind: str
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[str | Finish, None]:
         """Yield text deltas, then one `Finish`."""
         ...
 

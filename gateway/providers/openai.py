@@ -89,12 +89,14 @@ class OpenAIProvider:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
         body = self._body(request)
         headers = {"X-Request-ID": request.request_id} if request.request_id else None
+        responded = False
         try:
             # First token within timeout_s (the read timeout bounds each gap after it).
             async with asyncio.timeout(self._model.timeout_s) as first_token_deadline:
                 async with self._client.chat.completions.with_streaming_response.create(
                     **body, extra_headers=headers
                 ) as response:
+                    responded = True
                     async for item in self._read(response.iter_lines(), request):
                         if first_token_deadline.when() is not None:
                             first_token_deadline.reschedule(None)
@@ -107,7 +109,10 @@ class OpenAIProvider:
         except (openai.APITimeoutError, httpx2.TimeoutException):
             raise UpstreamTimeout(f"{self._label} timed out") from None
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
-            raise UpstreamError(f"{self._label} connection failed: {type(exc).__name__}") from None
+            raise UpstreamError(
+                f"{self._label} connection failed: {type(exc).__name__}",
+                result="stream_error" if responded else "connect_error",
+            ) from None
 
     async def _read(
         self, lines: AsyncIterator[str], request: GenerationRequest
@@ -160,7 +165,10 @@ class OpenAIProvider:
         if status in RETRYABLE_STATUSES:
             retry_after = _retry_after(exc.response.headers.get("retry-after"))
             return UpstreamError(
-                text, status=429 if status == 429 else 502, retry_after_s=retry_after
+                text,
+                status=429 if status == 429 else 502,
+                retry_after_s=retry_after,
+                result=str(status),
             )
         # 400: the request is bad everywhere; 401/403/404: this upstream's
         # configuration is. None of them heals by retrying.
@@ -169,6 +177,7 @@ class OpenAIProvider:
             status=400 if status in {400, 422} else 502,
             retryable=False,
             fallback=status not in {400, 422},
+            result=str(status),
         )
 
 

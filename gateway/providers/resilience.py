@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from gateway.errors import UpstreamError
@@ -57,9 +58,10 @@ class FallbackChain:
                     await asyncio.sleep(backoff_s(retry - 1, failure.retry_after_s))
                 started = False
                 try:
-                    async for item in attempt.provider.stream(request):
-                        started = True
-                        yield item
+                    async with aclosing(attempt.provider.stream(request)) as items:
+                        async for item in items:
+                            started = True
+                            yield item
                     return
                 except UpstreamError as exc:
                     if started:

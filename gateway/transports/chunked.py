@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.events import Event
 from gateway.generation import Generation
 from gateway.keys import settings_key
+from gateway.observe import end_stream, track_stream
 from gateway.transports.common import STREAM_HEADERS, read_json_body, start_from_dict
 from gateway.transports.sink import ClientGone, ClientSink
 
@@ -23,31 +24,41 @@ def encode_ndjson(event: Event) -> bytes:
 
 
 async def serve_ndjson(
-    request: web.Request, generation: Generation, after_seq: int
+    request: web.Request,
+    generation: Generation,
+    after_seq: int,
+    *,
+    new: bool = False,
+    resumed: bool = False,
 ) -> web.StreamResponse:
     """Stream the log after `after_seq` until its terminal event or the client leaves."""
     streams = request.app[settings_key].streams
     response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, **STREAM_HEADERS})
-    with generation.subscribe(after_seq) as subscription:
-        await response.prepare(request)
-        sink = ClientSink(
-            request,
-            response.write,
-            write_timeout_s=streams.write_timeout_s,
-            heartbeat=HEARTBEAT,
-            heartbeat_s=streams.heartbeat_s,
-        )
-        try:
+    tracker = track_stream(request, "chunked", generation, new=new, resumed=resumed)
+    sink = ClientSink(
+        request,
+        response.write,
+        write_timeout_s=streams.write_timeout_s,
+        heartbeat=HEARTBEAT,
+        heartbeat_s=streams.heartbeat_s,
+    )
+    try:
+        with generation.subscribe(after_seq) as subscription:
+            await response.prepare(request)
             async with sink:
                 while (batch := await subscription.next_batch()) is not None:
-                    await sink.write(b"".join(e.encoded(WIRE_FORMAT, encode_ndjson) for e in batch))
+                    data = b"".join(e.encoded(WIRE_FORMAT, encode_ndjson) for e in batch)
+                    await sink.write(data)
+                    tracker.wrote(batch, len(data))
             await response.write_eof()
-        except ClientGone:
-            pass
+    except ClientGone:
+        pass
+    finally:
+        end_stream(request, tracker, stalled=sink.stalled)
     return response
 
 
 async def stream_chunked(request: web.Request) -> web.StreamResponse:
     """POST /v1/stream/chunked"""
     generation = await start_from_dict(request, await read_json_body(request))
-    return await serve_ndjson(request, generation, after_seq=-1)
+    return await serve_ndjson(request, generation, after_seq=-1, new=True)

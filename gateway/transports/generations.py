@@ -53,9 +53,11 @@ async def generation_events(request: web.Request) -> web.StreamResponse:
     after = _after_seq(request, generation_id)
     if already_delivered(generation, after):
         return web.Response(status=204)
+    # Attaching from the start is not a resume; any `after` or Last-Event-ID is.
+    resumed = after >= 0
     if NDJSON in request.headers.get("Accept", ""):
-        return await serve_ndjson(request, generation, after)
-    return await serve_sse(request, generation, after)
+        return await serve_ndjson(request, generation, after, resumed=resumed)
+    return await serve_sse(request, generation, after, resumed=resumed)
 
 
 async def delete_generation(request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ from gateway.events import Event
 from gateway.generation import Generation, Subscription
 from gateway.keys import settings_key
 from gateway.middleware import json_response
+from gateway.observe import end_stream, track_stream
 from gateway.schema import GenerationRequest, parse_generation_request
 from gateway.transports.common import STREAM_HEADERS, read_json_body, start_generation
 from gateway.transports.sink import ClientGone, ClientSink
@@ -169,36 +170,45 @@ async def _stream(
 ) -> web.StreamResponse:
     streams = request.app[settings_key].streams
     encoder = ChunkEncoder(generation)
-    with generation.subscribe() as subscription:
-        batch = await _first_batch(subscription)
-        if batch and batch[0].type == "error":
-            _raise_failure(generation)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", **STREAM_HEADERS}
-        )
-        await response.prepare(request)
-        sink = ClientSink(
-            request,
-            response.write,
-            write_timeout_s=streams.write_timeout_s,
-            heartbeat=HEARTBEAT,
-            heartbeat_s=streams.heartbeat_s,
-        )
-        try:
-            async with sink:
-                out = [encoder.role()]
-                while True:
-                    for event in batch:
-                        out.append(_encode(encoder, event, include_usage))
-                    await sink.write(b"".join(out))
-                    out = []
-                    next_batch = await subscription.next_batch()
-                    if next_batch is None:
-                        break
-                    batch = next_batch
-            await response.write_eof()
-        except ClientGone:
-            pass
+    tracker = track_stream(request, WIRE_FORMAT, generation, new=True)
+    sink: ClientSink | None = None
+    try:
+        with generation.subscribe() as subscription:
+            batch = await _first_batch(subscription)
+            if batch and batch[0].type == "error":
+                tracker.saw(batch[0])
+                _raise_failure(generation)
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", **STREAM_HEADERS}
+            )
+            await response.prepare(request)
+            sink = ClientSink(
+                request,
+                response.write,
+                write_timeout_s=streams.write_timeout_s,
+                heartbeat=HEARTBEAT,
+                heartbeat_s=streams.heartbeat_s,
+            )
+            try:
+                async with sink:
+                    out = [encoder.role()]
+                    while True:
+                        for event in batch:
+                            out.append(_encode(encoder, event, include_usage))
+                        data = b"".join(out)
+                        await sink.write(data)
+                        if batch:
+                            tracker.wrote(batch, len(data))
+                        out = []
+                        next_batch = await subscription.next_batch()
+                        if next_batch is None:
+                            break
+                        batch = next_batch
+                await response.write_eof()
+            except ClientGone:
+                pass
+    finally:
+        end_stream(request, tracker, stalled=sink is not None and sink.stalled)
     return response
 
 
@@ -215,31 +225,39 @@ def _encode(encoder: ChunkEncoder, event: Event, include_usage: bool) -> bytes:
 
 async def _complete(request: web.Request, generation: Generation) -> web.Response:
     """Non-streaming: wait for the end (a client that leaves still cancels at once)."""
-    with generation.subscribe() as subscription:
-        while await subscription.next_batch() is not None:
-            pass
-    terminal = generation.events[-1]
-    if terminal.type == "error":
-        _raise_failure(generation)
-    text = "".join(e.fields["text"] for e in generation.events if e.type == "token")
-    return json_response(
-        {
-            "id": "chatcmpl-" + generation.id.removeprefix("gen_"),
-            "object": "chat.completion",
-            "created": generation.created,
-            "model": generation.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": _finish_reason(terminal),
-                }
-            ],
-            "usage": terminal.fields["usage"],
-            "system_fingerprint": None,
-        }
-    )
+    tracker = track_stream(request, WIRE_FORMAT, generation, new=True)
+    try:
+        with generation.subscribe() as subscription:
+            while await subscription.next_batch() is not None:
+                pass
+        terminal = generation.events[-1]
+        if terminal.type == "error":
+            tracker.saw(terminal)
+            _raise_failure(generation)
+        text = "".join(e.fields["text"] for e in generation.events if e.type == "token")
+        response = json_response(
+            {
+                "id": "chatcmpl-" + generation.id.removeprefix("gen_"),
+                "object": "chat.completion",
+                "created": generation.created,
+                "model": generation.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": _finish_reason(terminal),
+                    }
+                ],
+                "usage": terminal.fields["usage"],
+                "system_fingerprint": None,
+            }
+        )
+        # The whole answer goes out at once: its first token is written now.
+        tracker.wrote(generation.events, len(response.body or b""))
+        return response
+    finally:
+        end_stream(request, tracker, stalled=False)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

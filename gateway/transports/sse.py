@@ -17,6 +17,7 @@ from gateway.errors import InvalidRequest
 from gateway.events import Event
 from gateway.generation import Generation
 from gateway.keys import settings_key
+from gateway.observe import end_stream, track_stream
 from gateway.transports.common import (
     already_delivered,
     find_generation,
@@ -64,7 +65,12 @@ def body_from_query(query: MultiMapping[str]) -> dict[str, object]:
 
 
 async def serve_sse(
-    request: web.Request, generation: Generation, after_seq: int
+    request: web.Request,
+    generation: Generation,
+    after_seq: int,
+    *,
+    new: bool = False,
+    resumed: bool = False,
 ) -> web.StreamResponse:
     """Stream the log after `after_seq`; the first frame also sets the client's `retry:`."""
     streams = request.app[settings_key].streams
@@ -75,19 +81,22 @@ async def serve_sse(
         send_timeout=streams.write_timeout_s,
     )
     retry = b"retry: %d\n" % streams.sse_retry_ms
-    with generation.subscribe(after_seq) as subscription:
-        await response.prepare(request)
-        sink = ClientSink(request, response.write, write_timeout_s=streams.write_timeout_s)
-        try:
+    tracker = track_stream(request, "sse", generation, new=new, resumed=resumed)
+    sink = ClientSink(request, response.write, write_timeout_s=streams.write_timeout_s)
+    try:
+        with generation.subscribe(after_seq) as subscription:
+            await response.prepare(request)
             async with response, sink:
                 while (batch := await subscription.next_batch()) is not None:
-                    await sink.write(
-                        retry + b"".join(e.encoded(WIRE_FORMAT, encode_sse) for e in batch)
-                    )
+                    data = retry + b"".join(e.encoded(WIRE_FORMAT, encode_sse) for e in batch)
+                    await sink.write(data)
+                    tracker.wrote(batch, len(data))
                     retry = b""
             await response.write_eof()
-        except (ClientGone, ConnectionError):
-            pass
+    except (ClientGone, ConnectionError):
+        pass
+    finally:
+        end_stream(request, tracker, stalled=sink.stalled)
     return response
 
 
@@ -100,9 +109,10 @@ async def stream_sse(request: web.Request) -> web.StreamResponse:
         if already_delivered(generation, seq):
             # 204 makes a browser EventSource stop reconnecting for good.
             return web.Response(status=204)
-        return await serve_sse(request, generation, seq)
+        return await serve_sse(request, generation, seq, resumed=True)
     if request.method == "POST":
         body = await read_json_body(request)
     else:
         body = body_from_query(request.query)
-    return await serve_sse(request, await start_from_dict(request, body), after_seq=-1)
+    generation = await start_from_dict(request, body)
+    return await serve_sse(request, generation, after_seq=-1, new=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from gateway.errors import GatewayError, InvalidRequest, TooManyStreams
 from gateway.events import Event
 from gateway.generation import Generation, Subscription
 from gateway.keys import settings_key
+from gateway.observe import StreamTracker, end_stream, log_stream, track_stream
 from gateway.schema import parse_json_object
 from gateway.transports.common import ensure_accepting, find_generation, start_from_dict
 from gateway.transports.sink import ClientGone, ClientSink
@@ -83,6 +85,7 @@ class WebSocketSession:
     async def handle(self, raw: bytes | str) -> None:
         """Act on one client message; a bad one gets an `error` frame, never a close."""
         request_id: str | None = None
+        arrival = time.monotonic()
         try:
             message = parse_json_object(raw)
             request_id = (
@@ -90,7 +93,7 @@ class WebSocketSession:
             )
             kind = message.get("type")
             if kind == "generate":
-                await self._generate(message)
+                await self._generate(message, arrival)
             elif kind == "resume":
                 self._resume(message)
             elif kind == "cancel":
@@ -113,11 +116,12 @@ class WebSocketSession:
             raise TooManyStreams(f"at most {self._max_active} streams may run on one socket")
         return request_id
 
-    async def _generate(self, message: dict[str, Any]) -> None:
+    async def _generate(self, message: dict[str, Any], arrival: float) -> None:
         request_id = self._reserve(message)
         body = {k: v for k, v in message.items() if k not in _CONTROL_FIELDS}
         generation = await start_from_dict(self._request, body)
-        self._forward(request_id, generation, after_seq=-1)
+        tracker = track_stream(self._request, "websocket", generation, new=True, arrival=arrival)
+        self._forward(request_id, generation, -1, tracker)
 
     def _resume(self, message: dict[str, Any]) -> None:
         request_id = self._reserve(message)
@@ -126,7 +130,9 @@ class WebSocketSession:
             raise InvalidRequest("generation_id: a string is required")
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < -1:
             raise InvalidRequest("after_seq: an integer >= -1 is required")
-        self._forward(request_id, find_generation(self._request, generation_id), after_seq)
+        generation = find_generation(self._request, generation_id)
+        tracker = track_stream(self._request, "websocket", generation, new=False, resumed=True)
+        self._forward(request_id, generation, after_seq, tracker)
 
     def _cancel(self, message: dict[str, Any]) -> None:
         request_id = _request_id(message)
@@ -135,23 +141,36 @@ class WebSocketSession:
             raise InvalidRequest(f"request_id {request_id!r} is not streaming on this socket")
         active[1].cancel("cancelled")
 
-    def _forward(self, request_id: str, generation: Generation, after_seq: int) -> None:
+    def _forward(
+        self, request_id: str, generation: Generation, after_seq: int, tracker: StreamTracker
+    ) -> None:
         # Attach now, synchronously, so a grace of 0 never sees zero subscribers.
         subscription = generation.subscribe(after_seq).__enter__()
-        task = asyncio.get_running_loop().create_task(self._pump(request_id, subscription))
+        task = asyncio.get_running_loop().create_task(self._pump(request_id, subscription, tracker))
         self._active[request_id] = (task, generation)
-        task.add_done_callback(lambda _: self._active.pop(request_id, None))
+        # A done callback, not the task's `finally`: a task cancelled before its
+        # first step never runs its body, and the stream must still end once.
+        task.add_done_callback(lambda _: self._ended(request_id, subscription, tracker))
 
-    async def _pump(self, request_id: str, subscription: Subscription) -> None:
+    def _ended(self, request_id: str, subscription: Subscription, tracker: StreamTracker) -> None:
+        self._active.pop(request_id, None)
+        subscription.close()
+        end_stream(self._request, tracker, stalled=self._sink.stalled)
+        log_stream(self._request, tracker, ws_request_id=request_id)
+
+    async def _pump(
+        self, request_id: str, subscription: Subscription, tracker: StreamTracker
+    ) -> None:
         try:
             while (batch := await subscription.next_batch()) is not None:
+                nbytes = 0
                 for event in batch:
                     frame = with_request_id(request_id, event.encoded(WIRE_FORMAT, encode_ws))
                     await self._sink.write(frame)
+                    nbytes += len(frame)
+                tracker.wrote(batch, nbytes)
         except ClientGone:
             pass
-        finally:
-            subscription.close()
 
 
 async def stream_ws(request: web.Request) -> web.StreamResponse:

@@ -1,0 +1,292 @@
+"""The contract's Prometheus metrics, on a registry of the app's own.
+
+A registry per app (not prometheus-client's global one) lets tests run
+several apps in one process. Every label value comes from a fixed set: the
+transports, outcomes and limits below, the configured model names, HTTP
+status codes, and route patterns. Children are created once and kept, so
+the per-token path does attribute lookups, never `.labels()` (NOTES §6).
+
+Buckets (seconds) are chosen for LLM streaming, not web requests:
+- time to first token, gateway and upstream: 10 ms to 2 min; queued or
+  reasoning models take tens of seconds, prometheus' defaults stop at 10 s;
+- inter-token gaps: 1 ms to 5 s (50 tokens/s is 20 ms);
+- stream duration: 100 ms to 30 min.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+
+Transport = Literal["chunked", "sse", "websocket", "openai"]
+Outcome = Literal[
+    "completed", "client_disconnected", "cancelled", "upstream_error", "timeout", "shutdown"
+]
+
+TRANSPORTS: Final = ("chunked", "sse", "websocket", "openai")
+OUTCOMES: Final = (
+    "completed",
+    "client_disconnected",
+    "cancelled",
+    "upstream_error",
+    "timeout",
+    "shutdown",
+)
+LIMITS: Final = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "concurrent_streams",
+    "max_streams",
+    "backend_unavailable",
+)
+AUTH_REASONS: Final = (
+    "missing",
+    "malformed",
+    "malformed_token",
+    "invalid_key",
+    "invalid_token",
+    "invalid_ticket",
+    "expired",
+    "bad_algorithm",
+    "jwks",
+    "query_disabled",
+    "query_not_allowed",
+    "forbidden_origin",
+)
+#: Upstream request results that are not an HTTP status code.
+UPSTREAM_RESULTS: Final = ("connect_error", "timeout", "stream_error", "cancelled")
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+TTFT_BUCKETS: Final = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+INTER_TOKEN_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+DURATION_BUCKETS: Final = (
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class TransportChildren:
+    """The children of one transport, resolved once."""
+
+    active: Gauge
+    outcomes: dict[str, Counter]
+    duration: Histogram
+    disconnects: Counter
+    resumes: Counter
+    inter_token: Histogram
+
+
+@dataclass(slots=True)
+class StreamChildren:
+    """What one stream touches: its transport's children plus its model's."""
+
+    transport: TransportChildren
+    ttft: Histogram
+    tokens: Counter
+
+
+@dataclass(slots=True)
+class UpstreamChildren:
+    """One upstream (provider kind, model name)."""
+
+    provider: str
+    model: str
+    ttft: Histogram
+    cancellations: Counter
+    requests: Counter
+    _by_status: dict[str, Counter]
+
+    def request(self, status: str) -> Counter:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(
+                self.provider, self.model, status
+            )
+        return child
+
+
+class GatewayMetrics:
+    """Every metric of the contract, plus process, GC and platform collectors."""
+
+    def __init__(self, models: Iterable[tuple[str, str]], *, enabled: bool = True) -> None:
+        """`models`: (model name, provider kind) of every configured model.
+
+        Disabled (`server.metrics_enabled: false`, for benchmarks), nothing on
+        the stream path touches a metric and `/metrics` is not served.
+        """
+        self.enabled = enabled
+        registry = self.registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        if GC_COLLECTOR is not None:
+            GCCollector(registry=registry)
+        kw = {"registry": registry}
+        self.http_requests = Counter(
+            "gateway_http_requests_total",
+            "HTTP requests by route pattern, method and status (499: client left first).",
+            ["route", "method", "status"],
+            **kw,
+        )
+        self.streams_active = Gauge(
+            "gateway_streams_active", "Streams being written to clients.", ["transport"], **kw
+        )
+        self.streams = Counter(
+            "gateway_streams_total",
+            "Streams ended, each counted once, by how it ended.",
+            ["transport", "outcome"],
+            **kw,
+        )
+        self.stream_duration = Histogram(
+            "gateway_stream_duration_seconds",
+            "From the request's arrival to the stream's end.",
+            ["transport"],
+            buckets=DURATION_BUCKETS,
+            **kw,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "From the request's arrival to its first token written to the client.",
+            ["transport", "model"],
+            buckets=TTFT_BUCKETS,
+            **kw,
+        )
+        self.tokens = Counter(
+            "gateway_tokens_streamed_total",
+            "Token events written to clients.",
+            ["transport", "model"],
+            **kw,
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects_total",
+            "Streams whose client left before the end.",
+            ["transport"],
+            **kw,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total",
+            "Upstream requests (each retry and fallback counts) by result: the upstream's "
+            "HTTP status, or connect_error, timeout, stream_error (failed after 200), cancelled.",
+            ["provider", "model", "status"],
+            **kw,
+        )
+        self.upstream_ttft = Histogram(
+            "gateway_upstream_time_to_first_token_seconds",
+            "From sending the upstream request to its first text delta.",
+            ["provider", "model"],
+            buckets=TTFT_BUCKETS,
+            **kw,
+        )
+        self.upstream_cancellations = Counter(
+            "gateway_upstream_cancellations_total",
+            "Upstream requests stopped before their end (client gone, cancel, shutdown).",
+            ["provider"],
+            **kw,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited_total", "Requests refused by a limit.", ["limit"], **kw
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures_total", "Requests refused by auth.", ["reason"], **kw
+        )
+        self.resumes = Counter(
+            "gateway_resumes_total",
+            "Streams that attached to an existing generation (resume or attach).",
+            ["transport"],
+            **kw,
+        )
+        self.inter_token = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Gaps between successive writes of tokens to one client.",
+            ["transport"],
+            buckets=INTER_TOKEN_BUCKETS,
+            **kw,
+        )
+        self.rate_limit_backend_errors = Counter(
+            "gateway_rate_limit_backend_errors_total",
+            "Rate-limit backend (Redis) calls that failed; fail_open decides what followed.",
+            **kw,
+        )
+        self.streams_limit = Gauge(
+            "gateway_streams_limit",
+            "server.max_streams: the cap on concurrent streams per replica (0: none).",
+            **kw,
+        )
+        self._transports = {t: self._transport_children(t) for t in TRANSPORTS}
+        self._streams: dict[tuple[str, str], StreamChildren] = {}
+        self._upstreams: dict[tuple[str, str], UpstreamChildren] = {}
+        self._limits = {name: self.rate_limited.labels(name) for name in LIMITS}
+        self._auth = {name: self.auth_failures.labels(name) for name in AUTH_REASONS}
+        self._auth_other = self.auth_failures.labels("other")
+        for model, provider in models:
+            for transport in TRANSPORTS:
+                self.stream(transport, model)
+            self.upstream(provider, model)
+
+    def _transport_children(self, transport: str) -> TransportChildren:
+        return TransportChildren(
+            active=self.streams_active.labels(transport),
+            outcomes={o: self.streams.labels(transport, o) for o in OUTCOMES},
+            duration=self.stream_duration.labels(transport),
+            disconnects=self.client_disconnects.labels(transport),
+            resumes=self.resumes.labels(transport),
+            inter_token=self.inter_token.labels(transport),
+        )
+
+    def stream(self, transport: Transport, model: str) -> StreamChildren:
+        """Children for a stream; `model` must be a configured model name."""
+        key = (transport, model)
+        children = self._streams.get(key)
+        if children is None:
+            children = self._streams[key] = StreamChildren(
+                self._transports[transport],
+                self.ttft.labels(transport, model),
+                self.tokens.labels(transport, model),
+            )
+        return children
+
+    def upstream(self, provider: str, model: str) -> UpstreamChildren:
+        key = (provider, model)
+        children = self._upstreams.get(key)
+        if children is None:
+            children = self._upstreams[key] = UpstreamChildren(
+                provider,
+                model,
+                self.upstream_ttft.labels(provider, model),
+                self.upstream_cancellations.labels(provider),
+                self.upstream_requests,
+                {},
+            )
+            children.request("200")
+        return children
+
+    def refused(self, limit: str) -> None:
+        if self.enabled:
+            self._limits.get(limit, self._limits["backend_unavailable"]).inc()
+
+    def auth_failed(self, reason: str) -> None:
+        if self.enabled:
+            self._auth.get(reason, self._auth_other).inc()
+
+    def http_request(self, route: str, method: str, status: int) -> None:
+        if not self.enabled:
+            return
+        method = method if method in METHODS else "OTHER"
+        self.http_requests.labels(route, method, str(status)).inc()
