@@ -78,6 +78,14 @@ class TooManyStreams(GatewayError):
     retryable = True
 
 
+class Overloaded(GatewayError):
+    """`server.max_streams` reached: this replica sheds the stream, another may take it."""
+
+    status = 503
+    code = "rate_limited"
+    retryable = True
+
+
 class UpstreamError(GatewayError):
     """The upstream failed. `status` is what the OpenAI-compatible route answers
     when this happens before the first token (429 stays 429 so SDKs back off)."""

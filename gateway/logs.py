@@ -39,8 +39,12 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """For humans: the message, then the `extra` fields as `key=value`."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return redact_tokens(super().format(record))
+        line = super().format(record)
+        extra = [f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD]
+        return redact_tokens(" ".join([line, *extra]))
 
 
 def configure_logging(settings: LoggingSettings) -> None:

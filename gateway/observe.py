@@ -32,6 +32,9 @@ from gateway.middleware import Handler
 
 access_log = logging.getLogger("gateway.access")
 
+#: How many tokens a stream writes between updates of the tokens counter.
+_COUNT_EVERY = 16
+
 _ERROR_OUTCOMES: dict[str, Outcome] = {
     "upstream_timeout": "timeout",
     "shutting_down": "shutdown",
@@ -57,6 +60,7 @@ class StreamTracker:
     __slots__ = (
         "_children",
         "_last_token_at",
+        "_uncounted",
         "arrival",
         "bytes",
         "generation",
@@ -91,6 +95,9 @@ class StreamTracker:
         self.terminal: Event | None = None
         self.outcome: Outcome | None = None
         self._last_token_at: float | None = None
+        #: Tokens not yet added to the counter: it is bumped every
+        #: `_COUNT_EVERY` tokens and at the end, not on every write.
+        self._uncounted = 0
         self._children = children
         if children is not None:
             children.transport.active.inc()
@@ -120,8 +127,10 @@ class StreamTracker:
         elif children is not None:
             children.transport.inter_token.observe(now - self._last_token_at)
         self._last_token_at = now
-        if children is not None:
-            children.tokens.inc(tokens)
+        self._uncounted += tokens
+        if children is not None and self._uncounted >= _COUNT_EVERY:
+            children.tokens.inc(self._uncounted)
+            self._uncounted = 0
 
     def saw(self, terminal: Event) -> None:
         """The terminal event reached the client another way (an HTTP error status)."""
@@ -142,6 +151,9 @@ class StreamTracker:
         self.outcome = outcome
         children = self._children
         if children is not None:
+            if self._uncounted:
+                children.tokens.inc(self._uncounted)
+                self._uncounted = 0
             transport = children.transport
             transport.active.dec()
             transport.outcomes[outcome].inc()

@@ -22,3 +22,12 @@ def test_log_lines_never_carry_an_access_token() -> None:
         line = formatter.format(record)
         assert "sk-secret" not in line and "eyJabc" not in line
         assert "access_token=***" in line
+
+
+def test_text_lines_carry_the_extra_fields() -> None:
+    record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, "request", (), None)
+    record.route, record.status, record.outcome = "/v1/stream/sse", 200, "completed"
+    line = TextFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert line == (
+        "INFO gateway.access: request route=/v1/stream/sse status=200 outcome=completed"
+    )

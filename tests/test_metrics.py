@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.keys import metrics_key
+from gateway.keys import metrics_key, registry_key
 from tests.conftest import FAST_MODEL, TEST_API_KEY, StartGateway, make_settings, require_binary
 from tests.fake_upstream import FakeUpstream
 from tests.helpers import read_ndjson, read_sse, text_of
@@ -633,3 +633,34 @@ async def test_request_id_reaches_the_upstream(
     async with aiohttp.ClientSession(headers={"X-Request-ID": "req-up-1"}) as session:
         assert (await chunked(session, server, prompt="x"))[-1]["type"] == "done"
     assert fake_upstream.requests[-1].headers["X-Request-ID"] == "req-up-1"
+
+
+async def test_max_streams_sheds_new_streams_with_503(start_gateway: StartGateway) -> None:
+    server = await start_gateway(
+        models=MODELS, server={"max_streams": 2}, streams={"resume_grace_s": 0}
+    )
+    body = {"prompt": "long", "model": "slow", "max_tokens": 100}
+    async with aiohttp.ClientSession() as session:
+        url = server.make_url("/v1/stream/chunked")
+        async with session.post(url, json=body) as first, session.post(url, json=body) as second:
+            assert first.status == second.status == 200
+            async with session.post(url, json=body) as third:
+                assert third.status == 503
+                assert third.headers["Retry-After"] == "1"
+                error = (await third.json())["error"]
+                assert error["code"] == "rate_limited"
+            events = await websocket(session, server, prompt="x")
+            assert events[-1]["code"] == "rate_limited"
+        # Both clients left (grace 0: their generations stop): there is room again.
+        await settled(server)
+        app = server.app
+        assert app is not None
+        await eventually(lambda: _no_running(app))
+        assert (await chunked(session, server, prompt="x"))[-1]["type"] == "done"
+    samples = await scrape(server)
+    assert value(samples, "gateway_rate_limited_total", limit="max_streams") == 2
+    assert value(samples, "gateway_streams_limit") == 2
+
+
+async def _no_running(app: Any) -> bool:
+    return app[registry_key].running == 0

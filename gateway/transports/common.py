@@ -6,12 +6,13 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BodyTooLarge, InvalidRequest, ShuttingDown
+from gateway.errors import BodyTooLarge, InvalidRequest, Overloaded, ShuttingDown
 from gateway.generation import Generation, estimate_prompt_tokens
 from gateway.keys import (
     catalog_key,
     lifecycle_key,
     limiter_key,
+    metrics_key,
     principal,
     principal_of,
     registry_key,
@@ -45,6 +46,17 @@ def ensure_accepting(request: web.Request) -> None:
         )
 
 
+def ensure_capacity(request: web.Request) -> None:
+    """Shed new streams past `server.max_streams` rather than slow every running one."""
+    cap = request.app[settings_key].server.max_streams
+    if cap and request.app[registry_key].running >= cap:
+        request.app[metrics_key].refused("max_streams")
+        raise Overloaded(
+            f"this replica runs its maximum of {cap} streams; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+
 async def start_generation(
     request: web.Request, body: GenerationRequest, *, resume_grace_s: float | None = None
 ) -> Generation:
@@ -54,6 +66,7 @@ async def start_generation(
     it ends, with the tokens it really used.
     """
     ensure_accepting(request)
+    ensure_capacity(request)
     entry = request.app[catalog_key].resolve(body.model)
     caller = principal(request)
     default_reserve = request.app[settings_key].rate_limit.default_reserve_tokens
