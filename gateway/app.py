@@ -10,7 +10,7 @@ from gateway.access import access_middleware, add_cors_headers
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.config import Settings
-from gateway.errors import ShuttingDown
+from gateway.drain import CLOSE_BUDGET_S, close_websockets, stop_streams
 from gateway.health import get_healthz, get_readyz, list_models
 from gateway.keys import (
     Lifecycle,
@@ -21,6 +21,7 @@ from gateway.keys import (
     metrics_key,
     registry_key,
     settings_key,
+    websockets_key,
 )
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_http import add_metrics_route
@@ -65,9 +66,9 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def stop_generations_on_shutdown(app: web.Application) -> None:
-    """Refuse new streams and end running ones with a retryable `shutting_down` error."""
-    app[lifecycle_key].draining = True
-    app[registry_key].stop_all(ShuttingDown("server is shutting down; resume or retry elsewhere"))
+    """Whatever stops the app (a drain has usually done this already): end what still runs."""
+    stop_streams(app)
+    await close_websockets(app, CLOSE_BUDGET_S)
 
 
 def add_routes(app: web.Application) -> None:
@@ -111,6 +112,7 @@ def create_app(settings: Settings) -> web.Application:
     app[settings_key] = settings
     app[authenticator_key] = Authenticator(settings)
     app[lifecycle_key] = Lifecycle()
+    app[websockets_key] = set()
     app[metrics_key] = new_metrics(settings)
     add_routes(app)
     add_metrics_route(app)

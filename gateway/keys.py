@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
@@ -21,6 +22,12 @@ class Lifecycle:
     draining: bool = False
 
 
+class OpenSocket(Protocol):
+    """What the drain needs of a WebSocket session."""
+
+    async def close_for_restart(self) -> None: ...
+
+
 settings_key = web.AppKey("settings", Settings)
 catalog_key = web.AppKey("catalog", ModelCatalog)
 registry_key = web.AppKey("registry", GenerationRegistry)
@@ -28,6 +35,8 @@ lifecycle_key = web.AppKey("lifecycle", Lifecycle)
 authenticator_key = web.AppKey("authenticator", Authenticator)
 limiter_key = web.AppKey("limiter", RateLimiter)
 metrics_key = web.AppKey("metrics", GatewayMetrics)
+#: Open WebSocket sessions, closed with 1012 at the end of a drain.
+websockets_key: web.AppKey[set[OpenSocket]] = web.AppKey("websockets")
 
 #: Who is calling, set by the access middleware on every non-open route.
 principal_key = web.RequestKey("principal", Principal)

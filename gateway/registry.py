@@ -37,6 +37,7 @@ class GenerationRegistry:
         self._finished_bytes = 0
         self._leases: dict[str, Lease] = {}
         self._releasing: set[asyncio.Task[None]] = set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
         return len(self._running) + len(self._finished)
@@ -84,8 +85,20 @@ class GenerationRegistry:
             raise GenerationNotFound(f"generation {generation_id[:64]!r} not found")
         return generation
 
+    async def wait_idle(self) -> None:
+        """Until no generation runs (the drain waits on this)."""
+        if self._running:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
     def _retain(self, generation: Generation) -> None:
         self._running.pop(generation.id, None)
+        if not self._running:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         lease = self._leases.pop(generation.id, None)
         if lease is not None:
             task = asyncio.get_running_loop().create_task(lease.release(generation.used_tokens))

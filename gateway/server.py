@@ -1,16 +1,27 @@
-"""Running the app: uvloop, handler cancellation, and the shutdown budget."""
+"""Running the app: uvloop, handler cancellation, signals and the drain.
+
+`web.run_app` would close the listening socket and end every stream at the
+first SIGTERM; we run the `AppRunner` ourselves so that a SIGTERM starts a
+drain (`gateway.drain`) while the socket still answers, and a second signal
+cuts it short.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.drain import drain
 
 log = logging.getLogger(__name__)
+
+#: After the drain, what is left (handlers writing their last frame) gets this long.
+FINAL_SHUTDOWN_S = 1.0
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -21,21 +32,53 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT.
+class Signals:
+    """The first SIGTERM/SIGINT sets `stop`; the next one sets `urgent` too."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.urgent = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._received, signum)
+
+    def _received(self, signum: int) -> None:
+        if self.stop.is_set():
+            log.warning("second signal: stopping now", extra={"signal": signum})
+            self.urgent.set()
+        else:
+            log.info("signal: draining", extra={"signal": signum})
+            self.stop.set()
+
+
+async def run(settings: Settings) -> None:
+    """Serve until a signal, drain, and return (exit status 0).
 
     `handler_cancellation=True`: a client that disconnects cancels its
     handler at once, even while it waits for the upstream's first token
     (NOTES §1); the tests run with the same setting.
     """
-    log.info("serving", extra={"host": settings.server.host, "port": settings.server.port})
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        handler_cancellation=True,
-        shutdown_timeout=settings.server.shutdown_grace_s,
-        access_log=None,
-        print=None,
-        loop=new_event_loop(),
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_S
     )
+    await runner.setup()
+    signals = Signals()
+    try:
+        site = web.TCPSite(runner, settings.server.host, settings.server.port)
+        await site.start()
+        log.info("serving", extra={"host": settings.server.host, "port": settings.server.port})
+        await signals.stop.wait()
+        await drain(app, settings.server.shutdown_grace_s, signals.urgent)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
+def serve(settings: Settings) -> None:
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run(settings))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

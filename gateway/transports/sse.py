@@ -36,7 +36,13 @@ _QUERY_IGNORED = frozenset({"access_token"})
 
 
 def encode_sse(event: Event) -> bytes:
-    """`id: <generation_id>:<seq>`, `event: <type>`, `data: <JSON>` (JSON has no raw newlines)."""
+    """`id: <generation_id>:<seq>`, `event: <type>`, `data: <JSON>` (JSON has no raw newlines).
+
+    A `shutting_down` error has no `id:`: the browser keeps the id of the last
+    token as its `Last-Event-ID`, and resumes from there on another replica.
+    """
+    if event.type == "error" and event.fields.get("code") == "shutting_down":
+        return b"event: error\ndata: %s\n\n" % event.json
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (
         event.event_id.encode(),
         event.type.encode(),

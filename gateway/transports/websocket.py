@@ -14,12 +14,12 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.errors import GatewayError, InvalidRequest, TooManyStreams
 from gateway.events import Event
 from gateway.generation import Generation, Subscription
-from gateway.keys import settings_key
+from gateway.keys import settings_key, websockets_key
 from gateway.observe import StreamTracker, end_stream, log_stream, track_stream
 from gateway.schema import parse_json_object
 from gateway.transports.common import ensure_accepting, find_generation, start_from_dict
@@ -63,11 +63,20 @@ class WebSocketSession:
             write_timeout_s=request.app[settings_key].streams.write_timeout_s,
         )
 
+    async def close_for_restart(self) -> None:
+        """After a drain ended the generations: flush their last frames, close with 1012."""
+        tasks = [task for task, _ in self._active.values()]
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"service restart")
+
     async def __aenter__(self) -> WebSocketSession:
         await self._sink.__aenter__()
+        self._request.app[websockets_key].add(self)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._request.app[websockets_key].discard(self)
         # Cancel everything before the first await: the handler itself may be
         # cancelled (client gone) while it waits below.
         tasks = [task for task, _ in self._active.values()]
