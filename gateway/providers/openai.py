@@ -1,7 +1,8 @@
 """Any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, llama.cpp, Azure OpenAI).
 
 The request goes through `openai.AsyncOpenAI` (auth, base URL, headers, one
-connection pool per upstream), but the stream is read raw: the SDK's typed
+connection pool per upstream, on the SDK's aiohttp transport), but the
+stream is read raw: the SDK's typed
 chunk parsing costs ~150 µs a chunk against ~3 µs for `iter_lines` plus
 orjson (NOTES §5), and we only need the delta text, the finish reason and
 the usage. Retries happen one level up (`resilience.py`), before the first
@@ -19,6 +20,7 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -55,6 +57,9 @@ class OpenAIProvider:
             base_url=model.base_url,
             default_headers=model.headers or None,
             max_retries=0,
+            # The SDK's aiohttp transport: ~28% less CPU per paced token than
+            # httpx2's own (bench/openai_proxy.py), on the loop we already run.
+            http_client=openai.DefaultAioHttpClient(),
             timeout=httpx2.Timeout(
                 model.timeout_s, connect=min(_CONNECT_TIMEOUT_S, model.timeout_s)
             ),
@@ -106,11 +111,12 @@ class OpenAIProvider:
             raise UpstreamTimeout(message) from None
         except openai.APIStatusError as exc:
             raise self._status_error(exc) from None
-        except (openai.APITimeoutError, httpx2.TimeoutException):
-            raise UpstreamTimeout(f"{self._label} timed out") from None
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
+            timed_out = isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException)
+            if timed_out and not _refused(exc):
+                raise UpstreamTimeout(f"{self._label} timed out") from None
             raise UpstreamError(
-                f"{self._label} connection failed: {type(exc).__name__}",
+                f"{self._label} connection failed: {_cause_name(exc)}",
                 result="stream_error" if responded else "connect_error",
             ) from None
 
@@ -179,6 +185,27 @@ class OpenAIProvider:
             fallback=status not in {400, 422},
             result=str(status),
         )
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 8:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _refused(exc: BaseException) -> bool:
+    """The SDK's aiohttp transport reports a refused connection as `ConnectTimeout`."""
+    return any(
+        isinstance(e, aiohttp.ClientConnectorError | ConnectionRefusedError) for e in _causes(exc)
+    )
+
+
+def _cause_name(exc: BaseException) -> str:
+    """The innermost type: `ClientConnectorError` says more than `APIConnectionError`."""
+    return type(_causes(exc)[-1]).__name__
 
 
 def _usage(data: Any) -> Usage | None:
