@@ -9,6 +9,7 @@ encoding per format, not a thousand.
 from __future__ import annotations
 
 from collections.abc import Callable
+from json.encoder import encode_basestring as _encode_basestring  # C version on CPython
 from typing import Any, Literal
 
 import orjson
@@ -35,6 +36,21 @@ def _dumps_compact(value: Any) -> bytes:
     return bytes(memoryview(orjson.dumps(value)))
 
 
+def json_string(text: str) -> bytes:
+    """`text` as a JSON string, for the per-token path.
+
+    The standard library's C encoder returns a right-sized object; orjson's
+    4 KiB buffer per call showed up as 13% of the gateway's CPU under load
+    (py-spy, 200 proxied streams), though it costs only 0.3 µs in a loop.
+    Raises `UnicodeEncodeError` on lone surrogates (callers scrub).
+    """
+    return _encode_basestring(text).encode()
+
+
+def _token_json(seq: int, text: str) -> bytes:
+    return b'{"type":"token","seq":%d,"text":%s}' % (seq, json_string(text))
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return scrub_surrogates(value)
@@ -55,8 +71,11 @@ class Event:
         self.type = type
         self.seq = seq
         try:
-            self.json = _dumps_compact({"type": type, "seq": seq, **fields})
-        except orjson.JSONEncodeError:
+            if type == "token" and len(fields) == 1 and "text" in fields:
+                self.json = _token_json(seq, fields["text"])
+            else:
+                self.json = _dumps_compact({"type": type, "seq": seq, **fields})
+        except (orjson.JSONEncodeError, UnicodeEncodeError):
             fields = _scrub(fields)
             self.json = _dumps_compact({"type": type, "seq": seq, **fields})
         self.fields = fields
