@@ -9,6 +9,7 @@ cuts it short.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 
 #: After the drain, what is left (handlers writing their last frame) gets this long.
 FINAL_SHUTDOWN_S = 1.0
+#: Young-generation threshold of the cyclic GC (CPython's default: 700).
+#: Event logs keep ~100k tracked objects per 250 open streams; a full
+#: collection over them takes ~17 ms and with the default it ran every few
+#: seconds under load, stalling every stream at once (p99 TTFT). The gateway
+#: makes few reference cycles, so collecting 100x less often costs little memory.
+GC_THRESHOLD = (70_000, 10, 10)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -76,6 +83,7 @@ async def run(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> None:
+    gc.set_threshold(*GC_THRESHOLD)
     loop = new_event_loop()
     try:
         loop.run_until_complete(run(settings))
