@@ -21,6 +21,7 @@ from gateway.keys import (
     metrics_key,
     registry_key,
     settings_key,
+    shared_log_key,
     websockets_key,
 )
 from gateway.metrics import GatewayMetrics
@@ -29,6 +30,7 @@ from gateway.middleware import echo_request_id, error_middleware, request_id_mid
 from gateway.observe import observe_middleware, record_status
 from gateway.ratelimit import make_limiter
 from gateway.registry import GenerationRegistry
+from gateway.shared_log import SharedLog
 from gateway.static_routes import add_static_routes
 from gateway.tickets import create_ticket
 from gateway.transports.chunked import stream_chunked
@@ -60,9 +62,16 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[registry_key] = GenerationRegistry(app[settings_key].streams)
+    settings = app[settings_key]
+    shared_log = None
+    if settings.streams.backend == "redis":
+        shared_log = app[shared_log_key] = SharedLog(settings.redis.url, settings.streams)
+        shared_log.start()
+    app[registry_key] = GenerationRegistry(settings.streams, shared_log)
     yield
     await app[registry_key].aclose()
+    if shared_log is not None:
+        await shared_log.aclose()  # after the registry: the last terminal events are flushed
 
 
 async def stop_generations_on_shutdown(app: web.Application) -> None:

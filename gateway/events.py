@@ -81,6 +81,19 @@ class Event:
         self.fields = fields
         self._cache: dict[str, bytes] = {}
 
+    @classmethod
+    def decoded(cls, generation_id: str, raw: bytes) -> Event:
+        """An event read back from a shared log: its JSON body is kept as is."""
+        data = orjson.loads(raw)
+        event = cls.__new__(cls)
+        event.generation_id = generation_id
+        event.type = data.pop("type")
+        event.seq = data.pop("seq")
+        event.fields = data
+        event.json = raw
+        event._cache = {}
+        return event
+
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_TYPES

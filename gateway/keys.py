@@ -13,6 +13,7 @@ from gateway.config import Limits, Settings
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.registry import GenerationRegistry
+from gateway.shared_log import SharedLog
 
 
 @dataclass(slots=True)
@@ -35,6 +36,8 @@ lifecycle_key = web.AppKey("lifecycle", Lifecycle)
 authenticator_key = web.AppKey("authenticator", Authenticator)
 limiter_key = web.AppKey("limiter", RateLimiter)
 metrics_key = web.AppKey("metrics", GatewayMetrics)
+#: Only with `streams.backend: redis`.
+shared_log_key = web.AppKey("shared_log", SharedLog)
 #: Open WebSocket sessions, closed with 1012 at the end of a drain.
 websockets_key: web.AppKey[set[OpenSocket]] = web.AppKey("websockets")
 

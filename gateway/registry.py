@@ -17,6 +17,7 @@ from gateway.generation import Generation
 from gateway.providers.base import Provider
 from gateway.ratelimit import Lease
 from gateway.schema import GenerationRequest
+from gateway.shared_log import SharedLog
 
 ID_PREFIX = "gen_"
 
@@ -29,8 +30,9 @@ def new_generation_id() -> str:
 class GenerationRegistry:
     """Maps unguessable ids to running and recently finished generations."""
 
-    def __init__(self, settings: StreamSettings) -> None:
+    def __init__(self, settings: StreamSettings, shared_log: SharedLog | None = None) -> None:
         self._settings = settings
+        self._shared_log = shared_log
         self._running: dict[str, Generation] = {}
         self._finished: OrderedDict[str, Generation] = OrderedDict()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
@@ -73,6 +75,8 @@ class GenerationRegistry:
             on_finished=self._retain,
         )
         self._running[generation.id] = generation
+        if self._shared_log is not None:
+            self._shared_log.own(generation)
         if lease is not None:
             self._leases[generation.id] = lease
         generation.start()

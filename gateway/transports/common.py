@@ -6,7 +6,13 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BodyTooLarge, InvalidRequest, Overloaded, ShuttingDown
+from gateway.errors import (
+    BodyTooLarge,
+    GenerationNotFound,
+    InvalidRequest,
+    Overloaded,
+    ShuttingDown,
+)
 from gateway.generation import Generation, estimate_prompt_tokens
 from gateway.keys import (
     catalog_key,
@@ -18,9 +24,11 @@ from gateway.keys import (
     registry_key,
     request_id_key,
     settings_key,
+    shared_log_key,
 )
 from gateway.registry import ID_PREFIX
 from gateway.schema import GenerationRequest, parse_generation_request, parse_json_object
+from gateway.shared_log import RemoteGeneration
 
 #: Response headers for streams: no caching, and no buffering in nginx (NOTES §7).
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -87,8 +95,26 @@ async def start_from_dict(request: web.Request, data: dict[str, Any]) -> Generat
     return await start_generation(request, parse_generation_request(data))
 
 
-def find_generation(request: web.Request, generation_id: str) -> Generation:
-    return request.app[registry_key].get(generation_id, principal_of(request))
+async def find_generation(
+    request: web.Request, generation_id: str
+) -> Generation | RemoteGeneration:
+    """Ours if we run it; else, with a shared log, the one another replica runs (or ran)."""
+    owner = principal_of(request)
+    try:
+        return request.app[registry_key].get(generation_id, owner)
+    except GenerationNotFound:
+        shared_log = request.app.get(shared_log_key)
+        if shared_log is None:
+            raise
+        return await shared_log.lookup(generation_id, owner)
+
+
+async def cancel_generation(generation: Generation | RemoteGeneration) -> None:
+    """Stop it here, or ask its owner replica to (through the shared log)."""
+    if isinstance(generation, RemoteGeneration):
+        await generation.request_cancel()
+    else:
+        generation.cancel("cancelled")
 
 
 def parse_event_id(value: str) -> tuple[str, int]:
@@ -106,7 +132,7 @@ def parse_seq(value: str, name: str) -> int:
     return int(value)
 
 
-def already_delivered(generation: Generation, after_seq: int) -> bool:
+def already_delivered(generation: Generation | RemoteGeneration, after_seq: int) -> bool:
     """True when the client has seen the terminal event: answer 204, start nothing."""
     terminal = generation.terminal_seq
     return terminal is not None and after_seq >= terminal

@@ -10,6 +10,7 @@ from gateway.transports.chunked import CONTENT_TYPE as NDJSON
 from gateway.transports.chunked import serve_ndjson
 from gateway.transports.common import (
     already_delivered,
+    cancel_generation,
     find_generation,
     parse_event_id,
     parse_seq,
@@ -49,7 +50,7 @@ def _after_seq(request: web.Request, generation_id: str) -> int:
 async def generation_events(request: web.Request) -> web.StreamResponse:
     """GET /v1/generations/{id}/events: SSE, or NDJSON when the client accepts it."""
     generation_id = request.match_info["generation_id"]
-    generation = find_generation(request, generation_id)
+    generation = await find_generation(request, generation_id)
     after = _after_seq(request, generation_id)
     if already_delivered(generation, after):
         return web.Response(status=204)
@@ -62,5 +63,5 @@ async def generation_events(request: web.Request) -> web.StreamResponse:
 
 async def delete_generation(request: web.Request) -> web.Response:
     """DELETE /v1/generations/{id}: cancel it (idempotent once it has ended)."""
-    find_generation(request, request.match_info["generation_id"]).cancel("cancelled")
+    await cancel_generation(await find_generation(request, request.match_info["generation_id"]))
     return web.Response(status=204)

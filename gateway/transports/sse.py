@@ -111,7 +111,7 @@ async def stream_sse(request: web.Request) -> web.StreamResponse:
     last_event_id = request.headers.get("Last-Event-ID", "").strip()
     if last_event_id:
         generation_id, seq = parse_event_id(last_event_id)
-        generation = find_generation(request, generation_id)
+        generation = await find_generation(request, generation_id)
         if already_delivered(generation, seq):
             # 204 makes a browser EventSource stop reconnecting for good.
             return web.Response(status=204)

@@ -22,7 +22,12 @@ from gateway.generation import Generation, Subscription
 from gateway.keys import settings_key, websockets_key
 from gateway.observe import StreamTracker, end_stream, log_stream, track_stream
 from gateway.schema import parse_json_object
-from gateway.transports.common import ensure_accepting, find_generation, start_from_dict
+from gateway.transports.common import (
+    cancel_generation,
+    ensure_accepting,
+    find_generation,
+    start_from_dict,
+)
 from gateway.transports.sink import ClientGone, ClientSink
 
 WIRE_FORMAT = "ws"
@@ -104,9 +109,9 @@ class WebSocketSession:
             if kind == "generate":
                 await self._generate(message, arrival)
             elif kind == "resume":
-                self._resume(message)
+                await self._resume(message)
             elif kind == "cancel":
-                self._cancel(message)
+                await self._cancel(message)
             else:
                 raise InvalidRequest("type: must be one of generate, resume, cancel")
         except GatewayError as exc:
@@ -132,23 +137,23 @@ class WebSocketSession:
         tracker = track_stream(self._request, "websocket", generation, new=True, arrival=arrival)
         self._forward(request_id, generation, -1, tracker)
 
-    def _resume(self, message: dict[str, Any]) -> None:
+    async def _resume(self, message: dict[str, Any]) -> None:
         request_id = self._reserve(message)
         generation_id, after_seq = message.get("generation_id"), message.get("after_seq", -1)
         if not isinstance(generation_id, str):
             raise InvalidRequest("generation_id: a string is required")
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < -1:
             raise InvalidRequest("after_seq: an integer >= -1 is required")
-        generation = find_generation(self._request, generation_id)
+        generation = await find_generation(self._request, generation_id)
         tracker = track_stream(self._request, "websocket", generation, new=False, resumed=True)
         self._forward(request_id, generation, after_seq, tracker)
 
-    def _cancel(self, message: dict[str, Any]) -> None:
+    async def _cancel(self, message: dict[str, Any]) -> None:
         request_id = _request_id(message)
         active = self._active.get(request_id)
         if active is None:
             raise InvalidRequest(f"request_id {request_id!r} is not streaming on this socket")
-        active[1].cancel("cancelled")
+        await cancel_generation(active[1])
 
     def _forward(
         self, request_id: str, generation: Generation, after_seq: int, tracker: StreamTracker

@@ -1,0 +1,221 @@
+"""`streams.backend: redis`: two gateway apps and one real redis-server.
+
+A generation starts on replica A; its client drops and comes back on B (as
+behind a load balancer), by every transport's resume; the text must equal
+an uninterrupted run. Cancels and the grace timer work across replicas;
+Redis going away never touches streams served from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from gateway import shared_log
+from gateway.keys import registry_key, shared_log_key
+from tests.conftest import StartGateway
+from tests.helpers import read_ndjson, read_sse, text_of
+from tests.redis_server import RedisProcess
+
+PACED = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 100, "first_token_ms": 0}
+BODY = {"prompt": "Explain vector databases.", "max_tokens": 60, "seed": 11}
+
+
+async def replicas(
+    start_gateway: StartGateway, redis: RedisProcess, count: int = 2, **streams: Any
+) -> list[TestServer]:
+    settings = {"backend": "redis", "resume_grace_s": 10, **streams}
+    return [
+        await start_gateway(models=[PACED], streams=settings, redis={"url": redis.url})
+        for _ in range(count)
+    ]
+
+
+async def reference_text(server: TestServer) -> str:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/stream/chunked"), json=BODY) as response:
+            return text_of(await read_ndjson(response))
+
+
+async def start_and_drop(server: TestServer, tokens: int = 5) -> tuple[str, list[dict[str, Any]]]:
+    """Start a generation on `server`, read `tokens` tokens, and hang up."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/stream/chunked"), json=BODY) as response:
+            events = []
+            while len(events) < tokens + 1:
+                events.append(orjson.loads(await response.content.readline()))
+    return events[0]["generation_id"], events
+
+
+async def test_resume_on_another_replica_by_every_transport(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    a, b = await replicas(start_gateway, redis_server)
+    expected = await reference_text(a)
+    async with aiohttp.ClientSession() as session:
+        # SSE: Last-Event-ID of the last event seen on A.
+        generation_id, seen = await start_and_drop(a)
+        headers = {"Last-Event-ID": f"{generation_id}:{seen[-1]['seq']}"}
+        async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+            assert response.status == 200
+            rest, _ = await read_sse(response)
+        assert text_of(seen) + text_of(rest) == expected
+        assert rest[0]["seq"] == seen[-1]["seq"] + 1 and rest[-1]["type"] == "done"
+        # NDJSON: ?after= on the generation's events URL.
+        generation_id, seen = await start_and_drop(a)
+        url = b.make_url(f"/v1/generations/{generation_id}/events").with_query(
+            after=str(seen[-1]["seq"])
+        )
+        async with session.get(url, headers={"Accept": "application/x-ndjson"}) as response:
+            rest = await read_ndjson(response)
+        assert text_of(seen) + text_of(rest) == expected
+        # WebSocket: resume.
+        generation_id, seen = await start_and_drop(a)
+        async with session.ws_connect(b.make_url("/v1/stream/ws")) as ws:
+            await ws.send_json(
+                {
+                    "type": "resume",
+                    "request_id": "r",
+                    "generation_id": generation_id,
+                    "after_seq": seen[-1]["seq"],
+                }
+            )
+            rest = []
+            while not rest or rest[-1]["type"] not in {"done", "error"}:
+                rest.append(await ws.receive_json(timeout=5))
+        assert text_of(seen) + text_of(rest) == expected
+        # A finished log is resumable on B too, and a resume past its end is 204.
+        headers = {"Last-Event-ID": f"{generation_id}:0"}
+        async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+            replay, _ = await read_sse(response)
+        assert text_of(replay) == expected
+        headers = {"Last-Event-ID": f"{generation_id}:{rest[-1]['seq']}"}
+        async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+            assert response.status == 204
+
+
+async def test_another_principal_gets_404_on_the_other_replica(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    a, b = await replicas(start_gateway, redis_server)
+    generation_id, _ = await start_and_drop(a)
+    headers = {"Authorization": "Bearer gw_test_key_for_the_suite"}  # key:test, not anonymous
+    async with aiohttp.ClientSession(headers=headers) as session:
+        url = b.make_url(f"/v1/generations/{generation_id}/events")
+        async with session.get(url) as response:
+            assert response.status == 404
+        async with session.delete(b.make_url(f"/v1/generations/{generation_id}")) as response:
+            assert response.status == 404
+
+
+async def test_cancel_from_another_replica_stops_the_owner(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    a, b = await replicas(start_gateway, redis_server)
+    app_a = a.app
+    assert app_a is not None
+    async with aiohttp.ClientSession() as session:
+        async with session.post(a.make_url("/v1/stream/chunked"), json=BODY) as response:
+            start = orjson.loads(await response.content.readline())
+            await response.content.readline()  # a token: it is running
+            generation_id = start["generation_id"]
+            began = asyncio.get_running_loop().time()
+            async with session.delete(b.make_url(f"/v1/generations/{generation_id}")) as deleted:
+                assert deleted.status == 204
+            events = await read_ndjson(response)
+            stopped = asyncio.get_running_loop().time() - began
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "cancelled"
+    assert stopped < 1.0
+    assert app_a[registry_key].running == 0
+
+
+async def test_a_reader_on_another_replica_counts_as_attached(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    slow = {"max_tokens": 80}  # 0.8 s at 100 tokens/s: longer than the grace
+    a, b = await replicas(start_gateway, redis_server, resume_grace_s=0.3)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(a.make_url("/v1/stream/chunked"), json={**BODY, **slow}) as r:
+            start = orjson.loads(await r.content.readline())
+        headers = {"Last-Event-ID": f"{start['generation_id']}:0"}
+        async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+            rest, _ = await read_sse(response)
+    # B read it to its end, well past A's grace: not cancelled.
+    assert rest[-1]["type"] == "done" and rest[-1]["finish_reason"] == "length"
+    # Nobody anywhere: the grace cancels it.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(a.make_url("/v1/stream/chunked"), json={**BODY, **slow}) as r:
+            start = orjson.loads(await r.content.readline())
+        await asyncio.sleep(0.6)
+        headers = {"Last-Event-ID": f"{start['generation_id']}:0"}
+        async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+            rest, _ = await read_sse(response)
+    assert rest[-1]["finish_reason"] == "cancelled"
+
+
+async def test_redis_down_leaves_local_streams_alone_and_recovers(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    a, b = await replicas(start_gateway, redis_server)
+    expected = await reference_text(a)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(a.make_url("/v1/stream/chunked"), json=BODY) as response:
+            first = orjson.loads(await response.content.readline())
+            redis_server.kill()
+            rest = await read_ndjson(response)
+        # The live stream on its own replica went on untouched.
+        assert text_of([first, *rest]) == expected
+        headers = {"Last-Event-ID": f"{first['generation_id']}:0"}
+        async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+            assert response.status == 503
+            error = (await response.json())["error"]
+            assert error["code"] == "internal_error"
+        redis_server.start()
+        # Recovery is automatic: a new generation is shared again.
+        generation_id, seen = await start_and_drop(a)
+
+        async def resumed() -> list[dict[str, Any]]:
+            headers = {"Last-Event-ID": f"{generation_id}:{seen[-1]['seq']}"}
+            async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+                assert response.status == 200
+                events, _ = await read_sse(response)
+                return events
+
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    rest = await resumed()
+                    break
+                except AssertionError:
+                    await asyncio.sleep(0.2)
+        assert text_of(seen) + text_of(rest) == expected
+
+
+async def test_a_replica_that_dies_leaves_a_log_that_ends(
+    start_gateway: StartGateway, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_log, "LEASE_MS", 600)
+    monkeypatch.setattr(shared_log, "READ_BLOCK_MS", 200)
+    a, b = await replicas(start_gateway, redis_server)
+    app_a = a.app
+    assert app_a is not None
+    generation_id, seen = await start_and_drop(a, tokens=2)
+    await asyncio.sleep(0.1)  # the first events reach Redis
+    # A "dies": its shared log stops flushing and refreshing leases, its upstream keeps going.
+    log_a = app_a[shared_log_key]
+    for task in log_a._tasks:
+        task.cancel()
+    log_a._queue = lambda generation, event: None  # type: ignore[method-assign]
+    for generation in list(log_a._owned.values()):
+        generation.on_append = None
+    headers = {"Last-Event-ID": f"{generation_id}:{seen[-1]['seq']}"}
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(5):
+            async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
+                rest, _ = await read_sse(response)
+    assert rest[-1]["type"] == "error" and rest[-1]["retryable"] is True
