@@ -27,6 +27,7 @@ import asyncio
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -86,6 +87,9 @@ class SharedLog:
         self._background: set[asyncio.Task[Any]] = set()
         self._logged_at = -_LOG_EVERY_S
         self.errors = 0
+        self._append = self._redis.register_script(
+            (Path(__file__).with_name("lua") / "append_events.lua").read_text()
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -177,10 +181,19 @@ class SharedLog:
                         },
                     )
                     pipe.set(f"{_stream(generation.id)}:owner", self.replica_id, px=LEASE_MS)
+                # All events in one script call: a command per event cost ~15 µs
+                # of client CPU each, a third of a core at 25,000 tokens/s.
+                keys: list[str] = []
+                args: list[str | bytes] = []
                 for generation_id, events in pending.items():
                     key = _stream(generation_id)
                     for event in events:
-                        pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq))
+                        keys.append(key)
+                        args += (_entry_id(event.seq), event.json)
+                if keys:
+                    await self._append(keys=keys, args=args, client=pipe)
+                for generation_id, events in pending.items():
+                    key = _stream(generation_id)
                     if events[-1].terminal:
                         for name in (key, f"{key}:meta"):
                             pipe.pexpire(name, retention_ms)
