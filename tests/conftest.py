@@ -70,7 +70,8 @@ def start_gateway(aiohttp_server: Any) -> StartGateway:
 
 def require_binary(name: str) -> str:
     """The path of a binary; skip locally if missing, but fail under CI=true."""
-    path = shutil.which(name)
+    # Debian puts daemons such as nginx in /usr/sbin, off a normal user's PATH.
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
     if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{name} is required under CI but is not installed")

@@ -1,0 +1,329 @@
+"""deploy/nginx/gateway.conf in a real nginx, in front of a real `gateway serve` process.
+
+Only three things in the shipped file are rewritten for the test (each must
+match exactly once, so the test breaks if the file changes shape): the listen
+address, the upstream's address and, for the heartbeat tests, a
+`proxy_read_timeout` of one second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+
+from tests.conftest import require_binary
+from tests.helpers import assert_well_formed, read_ndjson, read_sse, text_of
+from tests.test_serve import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONF = ROOT / "deploy" / "nginx" / "gateway.conf"
+
+#: A fast model for latency, a slow one that streams for ~1 s, and one that
+#: thinks for 2.5 s before its first token (longer than nginx's read timeout here).
+MODELS = [
+    {"name": "sim-fast", "provider": "simulated", "first_token_ms": 20, "tokens_per_second": 200},
+    {"name": "sim-slow", "provider": "simulated", "first_token_ms": 20, "tokens_per_second": 20},
+    {"name": "sim-think", "provider": "simulated", "first_token_ms": 2500},
+]
+
+
+@dataclass
+class Gateway:
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        lines = [orjson.loads(line) for line in self.log.read_bytes().splitlines() if line]
+        return [line for line in lines if line.get("logger") == "gateway.access"]
+
+
+async def wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
+    async with aiohttp.ClientSession() as session, asyncio.timeout(15):
+        while True:
+            assert process.returncode is None, f"{url} exited with {process.returncode}"
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    """`gateway serve` processes with the test models; nginx at 127.0.0.1 is trusted."""
+    processes: list[asyncio.subprocess.Process] = []
+
+    async def start(heartbeat_s: float = 15) -> Gateway:
+        port = free_port()
+        config = {
+            "server": {"port": port, "trusted_proxies": ["127.0.0.1/32"]},
+            "streams": {"heartbeat_s": heartbeat_s},
+            "models": MODELS,
+            "rate_limit": {
+                "default": {"requests_per_minute": 10_000, "concurrent_streams": 100},
+            },
+        }
+        config_path = tmp_path / f"gateway-{port}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        log = tmp_path / f"gateway-{port}.log"
+        with log.open("wb") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "gateway", "serve", "--config", str(config_path)),
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        processes.append(process)
+        gateway = Gateway(port, log)
+        await wait_healthy(gateway.url, process)
+        return gateway
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)  # the second signal skips the drain
+    async with asyncio.timeout(10):
+        for process in processes:
+            await process.wait()
+
+
+def rewrite(conf: str, pattern: str, replacement: str) -> str:
+    rewritten, count = re.subn(pattern, replacement, conf, flags=re.MULTILINE)
+    assert count == 1, f"{pattern!r} matched {count} times in {SHIPPED_CONF}"
+    return rewritten
+
+
+@pytest.fixture
+def start_nginx(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """A foreground nginx (its own prefix, pid and temp folders) with the shipped config."""
+    binary = require_binary("nginx")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(gateway: Gateway, read_timeout: str | None = None) -> str:
+        port = free_port()
+        prefix = tmp_path / f"nginx-{port}"
+        prefix.mkdir()
+        conf = SHIPPED_CONF.read_text()
+        conf = rewrite(conf, r"^    listen 80;$", f"    listen 127.0.0.1:{port};")
+        conf = rewrite(conf, r"server 127\.0\.0\.1:8080 ", f"server 127.0.0.1:{gateway.port} ")
+        if read_timeout is not None:
+            conf = rewrite(conf, r"proxy_read_timeout 75s;", f"proxy_read_timeout {read_timeout};")
+        (prefix / "gateway.conf").write_text(conf)
+        temp_paths = "\n".join(
+            f"    {kind}_temp_path {prefix}/{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (prefix / "nginx.conf").write_text(
+            f"""
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {prefix}/access.log;
+{temp_paths}
+    include {prefix}/gateway.conf;
+}}
+"""
+        )
+        command = [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+        check = subprocess.run([*command, "-t"], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+        process = subprocess.Popen(
+            [*command, "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        processes.append(process)
+        deadline = time.monotonic() + 10
+        while True:  # the pid file is written before the socket listens
+            assert process.poll() is None, (prefix / "error.log").read_text()
+            assert time.monotonic() < deadline, "nginx did not start"
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.wait(timeout=10)
+
+
+BODY = {"prompt": "Explain vector databases.", "max_tokens": 20, "seed": 7}
+
+
+async def stream_all(session: aiohttp.ClientSession, base: str, transport: str, **body: Any):
+    """Every event of one generation, over `transport`."""
+    request = {**BODY, **body}
+    if transport == "ws":
+        async with session.ws_connect(f"{base}/v1/stream/ws") as ws:
+            await ws.send_json({"type": "generate", "request_id": "r", **request})
+            events = []
+            while True:
+                events.append(await ws.receive_json(timeout=10))
+                if events[-1]["type"] in {"done", "error"}:
+                    return [{k: v for k, v in e.items() if k != "request_id"} for e in events]
+    async with session.post(f"{base}/v1/stream/{transport}", json=request) as response:
+        assert response.status == 200
+        assert "Content-Encoding" not in response.headers
+        if transport == "sse":
+            return (await read_sse(response))[0]
+        return await read_ndjson(response)
+
+
+@pytest.mark.parametrize("transport", ["chunked", "sse", "ws"])
+async def test_every_transport_streams_through_nginx_unchanged(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+    transport: str,
+) -> None:
+    gateway = await start_gateway()
+    proxy = start_nginx(gateway)
+    async with aiohttp.ClientSession(headers={"Accept-Encoding": "gzip"}) as session:
+        direct = await stream_all(session, gateway.url, transport, model="sim-fast")
+        through = await stream_all(session, proxy, transport, model="sim-fast")
+    assert_well_formed(through)
+    assert through[-1]["type"] == "done"
+    assert text_of(through) == text_of(direct) != ""
+
+
+async def first_token_delay(session: aiohttp.ClientSession, base: str, transport: str) -> float:
+    """Seconds from sending the request to reading the first token event."""
+    started = time.perf_counter()
+    async with session.post(
+        f"{base}/v1/stream/{transport}", json={**BODY, "model": "sim-slow"}
+    ) as response:
+        async for line in response.content:
+            if b'"type":"token"' in line:
+                return time.perf_counter() - started
+    raise AssertionError("no token")
+
+
+@pytest.mark.parametrize("transport", ["chunked", "sse"])
+async def test_the_first_token_through_nginx_is_not_held_back(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+    transport: str,
+) -> None:
+    """sim-slow streams its 20 tokens over ~1 s: a buffering proxy would hold the
+    first one until the buffer fills or the stream ends, ~1 s late."""
+    gateway = await start_gateway()
+    proxy = start_nginx(gateway)
+    direct, through = [], []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(7):  # alternating, so machine noise hits both alike
+            direct.append(await first_token_delay(session, gateway.url, transport))
+            through.append(await first_token_delay(session, proxy, transport))
+    added_ms = (statistics.median(through) - statistics.median(direct)) * 1000
+    print(
+        f"{transport}: first token direct p50 {statistics.median(direct) * 1000:.1f} ms, "
+        f"through nginx +{added_ms:.1f} ms"
+    )
+    assert added_ms < 15, (direct, through)
+
+
+@pytest.mark.parametrize("transport", ["chunked", "sse", "ws"])
+async def test_heartbeats_keep_a_thinking_stream_open_past_the_read_timeout(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+    transport: str,
+) -> None:
+    """sim-think is silent for 2.5 s; nginx's read timeout is 1 s; heartbeats every 0.3 s."""
+    gateway = await start_gateway(heartbeat_s=0.3)
+    proxy = start_nginx(gateway, read_timeout="1s")
+    async with aiohttp.ClientSession() as session:
+        events = await stream_all(session, proxy, transport, model="sim-think", max_tokens=3)
+    assert_well_formed(events)
+    assert events[-1]["type"] == "done" and text_of(events)
+
+
+async def test_without_heartbeats_nginx_cuts_the_silent_stream(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+) -> None:
+    """The control for the test above: the read timeout really is one second."""
+    gateway = await start_gateway(heartbeat_s=10)
+    proxy = start_nginx(gateway, read_timeout="1s")
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await stream_all(session, proxy, "chunked", model="sim-think", max_tokens=3)
+    assert 0.9 < time.monotonic() - started < 2.4
+
+
+async def access_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
+    async with asyncio.timeout(5):
+        while True:
+            for line in gateway.access_lines():
+                if line.get("request_id") == request_id:
+                    return line
+            await asyncio.sleep(0.05)
+
+
+async def test_the_client_address_and_request_id_reach_the_gateway(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+) -> None:
+    """The client connects from 127.0.0.2 and claims to be 203.0.113.9; nginx
+    (127.0.0.1, trusted) appends what it saw, and the gateway believes only that."""
+    gateway = await start_gateway()
+    proxy = start_nginx(gateway)
+    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    spoofed = {"X-Forwarded-For": "203.0.113.9"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+        headers = {**spoofed, "X-Request-ID": "through-nginx-1"}
+        async with session.post(f"{proxy}/v1/stream/chunked", json=BODY, headers=headers) as r:
+            assert r.headers["X-Request-ID"] == "through-nginx-1"
+            await r.read()
+        # No id from the client: nginx's $request_id (32 hex digits) is used end to end.
+        async with session.post(f"{proxy}/v1/stream/sse", json=BODY, headers=spoofed) as r:
+            generated = r.headers["X-Request-ID"]
+            await r.read()
+        # Straight to the gateway, the same claim is not believed: 127.0.0.2 is no proxy.
+        headers = {**spoofed, "X-Request-ID": "direct-1"}
+        async with session.post(f"{gateway.url}/v1/stream/chunked", json=BODY, headers=headers):
+            pass
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    through = await access_line(gateway, "through-nginx-1")
+    assert through["client_ip"] == "127.0.0.2" and through["status"] == 200
+    assert (await access_line(gateway, generated))["client_ip"] == "127.0.0.2"
+    assert (await access_line(gateway, "direct-1"))["client_ip"] == "127.0.0.2"
+
+
+async def test_metrics_are_not_served_through_nginx(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+) -> None:
+    gateway = await start_gateway()
+    proxy = start_nginx(gateway)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{proxy}/metrics") as response:
+            assert response.status == 404
+        async with session.get(f"{gateway.url}/metrics") as response:
+            assert response.status == 200
+        async with session.get(f"{proxy}/readyz") as response:
+            assert response.status == 200
