@@ -41,6 +41,8 @@ from gateway.generation import Generation, StopCause
 log = logging.getLogger(__name__)
 
 FLUSH_S = 0.02
+#: How long a lookup waits for a generation's meta to appear before answering 404.
+LOOKUP_PATIENCE_S = 0.25
 LEASE_MS = 10_000
 WATCH_MS = 6_000
 READ_BLOCK_MS = 2_000
@@ -258,16 +260,24 @@ class SharedLog:
     async def lookup(self, generation_id: str, principal: str) -> RemoteGeneration:
         """A generation another replica runs (or ran); 404 unless `principal` owns it."""
         key = _stream(generation_id)
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(f"{key}:meta")
-                pipe.xrevrange(key, count=1)
-                meta, last = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed("lookup", exc)
-            raise StoreUnavailable(
-                "cannot reach the shared log to resume this generation; retry shortly"
-            ) from None
+        # The owner sends `start` before its flusher has written the meta (up to
+        # FLUSH_S later, more under load): a client that resumes here at once
+        # must not get a 404 for a generation that exists. Unknown ids wait too.
+        deadline = time.monotonic() + LOOKUP_PATIENCE_S
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hgetall(f"{key}:meta")
+                    pipe.xrevrange(key, count=1)
+                    meta, last = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                self._failed("lookup", exc)
+                raise StoreUnavailable(
+                    "cannot reach the shared log to resume this generation; retry shortly"
+                ) from None
+            if meta or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(FLUSH_S / 2)
         owner = meta.get(b"principal", b"").decode()
         if not meta or not secrets.compare_digest(owner, principal):
             raise GenerationNotFound(f"generation {generation_id[:64]!r} not found")

@@ -219,3 +219,24 @@ async def test_a_replica_that_dies_leaves_a_log_that_ends(
             async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
                 rest, _ = await read_sse(response)
     assert rest[-1]["type"] == "error" and rest[-1]["retryable"] is True
+
+
+async def test_a_generation_is_resumable_elsewhere_as_soon_as_its_start_arrives(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    """The `start` frame reaches the client before the owner's flusher writes the
+    meta; the other replica waits for it instead of answering 404 (CI saw that race)."""
+    a, b = await replicas(start_gateway, redis_server)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(10):
+            body = {**BODY, "max_tokens": 5}
+            async with session.post(a.make_url("/v1/stream/chunked"), json=body) as r:
+                start = orjson.loads(await r.content.readline())
+                url = b.make_url(f"/v1/generations/{start['generation_id']}/events")
+                ndjson = {"Accept": "application/x-ndjson"}
+                async with session.get(url, params={"after": "0"}, headers=ndjson) as resumed:
+                    assert resumed.status == 200
+                    events = await read_ndjson(resumed)
+                assert events[-1]["type"] == "done"
+        async with session.get(b.make_url("/v1/generations/gen_unknown/events")) as unknown:
+            assert unknown.status == 404
