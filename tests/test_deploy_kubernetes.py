@@ -1,0 +1,705 @@
+"""deploy/Dockerfile and deploy/kubernetes: the image's rules, the rendered manifests
+against the Kubernetes API schemas, and the invariants that tie them to the gateway.
+
+Neither docker, kubectl nor kustomize runs here. The Dockerfile is parsed; the
+kustomizations are rendered by `render` below, a small subset of kustomize
+(resources, configMapGenerator with kustomize's name hash, namespace, images and
+strategic-merge `patches`). It refuses a kustomization field it does not
+implement, so a new field cannot be silently ignored. The ServiceMonitor is a
+CRD without a bundled schema: it is checked structurally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import fnmatch
+import functools
+import hashlib
+import json
+import re
+import shlex
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway import cli
+from gateway.config import Settings, load_settings
+from gateway.drain import CLOSE_BUDGET_S
+from gateway.server import FINAL_SHUTDOWN_S
+from tests.conftest import StartGateway
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / "deploy" / "Dockerfile.dockerignore"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+BASE = KUBERNETES / "base"
+PRODUCTION = KUBERNETES / "overlays" / "production"
+SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "kubernetes-scrape.yml"
+KUSTOMIZATIONS = {"base": BASE, "production": PRODUCTION}
+
+#: The oldest Kubernetes the manifests target, and a newer one (schemas bundled offline).
+K8S_VERSIONS = ("1.30.0", "1.34.0")
+#: Seconds kept between the end of the drain and SIGKILL.
+MARGIN_S = 5
+#: Stand-ins for the Secret's values (the real ones are never committed).
+FAKE_SECRETS = {
+    "OPENAI_API_KEY": "sk-test",
+    "FRONTEND_API_KEY_SHA256": hashlib.sha256(b"gw_test").hexdigest(),
+    "TICKET_SECRET": "t" * 43,
+    "REDIS_URL": "redis://:pw@redis.test:6379/1",
+}
+BUILD_TOOLS = {"gcc", "g++", "cc", "clang", "make", "cmake", "build-essential", "git", "rustc"}
+
+
+# --- the Dockerfile ---------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    image: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+    def last(self, keyword: str) -> str:
+        found = self.all(keyword)
+        assert found, f"no {keyword} in the stage FROM {self.image}"
+        return found[-1]
+
+    def env(self) -> dict[str, str]:
+        pairs = [item.split("=", 1) for rest in self.all("ENV") for item in shlex.split(rest)]
+        return dict(pairs)
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Instructions (continuations joined, comments dropped) grouped into stages."""
+    instructions: list[tuple[str, str]] = []
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        keyword, _, rest = (current + line).partition(" ")
+        instructions.append((keyword.upper(), " ".join(rest.split())))
+        current = ""
+    assert not current, "the Dockerfile ends inside a line continuation"
+
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for keyword, rest in instructions:
+        if keyword == "FROM":
+            words = [w for w in rest.split() if not w.startswith("--")]
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args[m[1] or m[2]], words[0])
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
+            stages.append(Stage(image, name))
+        elif not stages:
+            assert keyword == "ARG", f"{keyword} before the first FROM"
+            key, _, default = rest.partition("=")
+            global_args[key] = default
+        else:
+            stages[-1].instructions.append((keyword, rest))
+    return stages
+
+
+@functools.cache
+def dockerfile() -> tuple[Stage, ...]:
+    return tuple(parse_dockerfile(DOCKERFILE.read_text()))
+
+
+def exec_form(rest: str) -> list[str]:
+    argv = json.loads(rest)
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), rest
+    return argv
+
+
+def test_dockerfile_has_a_builder_and_a_pinned_slim_final_stage() -> None:
+    stages = dockerfile()
+    builder, final = stages[0], stages[-1]
+    assert len(stages) >= 2 and builder.name == "builder"
+    pinned = re.compile(r"python:3\.11\.\d+-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?")
+    for stage in stages:
+        assert pinned.fullmatch(stage.image), f"not a pinned python:3.11.x-slim: {stage.image}"
+    # The venv's interpreter is a symlink into the base image: both must be the same.
+    assert final.image == builder.image
+
+
+def test_the_builder_installs_the_project_into_opt_venv() -> None:
+    builder = dockerfile()[0]
+    runs = " && ".join(builder.all("RUN"))
+    assert "python -m venv /opt/venv" in runs
+    assert "/opt/venv/bin" in builder.env()["PATH"].split(":")
+    assert re.search(r"pip install (--[\w-]+ )*\.( |$)", runs), "the project is not installed"
+
+
+def installed_packages(run: str) -> set[str]:
+    packages: set[str] = set()
+    for command in re.split(r"&&|;|\|\|", run):
+        words = command.split()
+        for manager, verb in (("apt-get", "install"), ("apt", "install"), ("apk", "add")):
+            if manager in words and verb in words:
+                after = words[words.index(verb) + 1 :]
+                packages |= {w.split("=")[0] for w in after if not w.startswith("-")}
+    return packages
+
+
+def test_the_final_stage_copies_the_venv_and_installs_no_build_tools() -> None:
+    final = dockerfile()[-1]
+    assert "--from=builder /opt/venv /opt/venv" in final.all("COPY")
+    for run in final.all("RUN"):
+        assert "pip install" not in run, "dependencies belong in the builder stage"
+        packages = installed_packages(run)
+        assert not packages & BUILD_TOOLS, packages
+        assert not [p for p in packages if p.endswith("-dev")], packages
+    assert installed_packages("apt-get update && apt-get install -y --no-install-recommends gcc")
+    env = final.env()
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin"
+
+
+def dockerfile_user() -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+):(\d+)", dockerfile()[-1].last("USER"))
+    assert match, "USER must be numeric uid:gid so runAsNonRoot can verify it"
+    return int(match[1]), int(match[2])
+
+
+def test_the_image_runs_as_a_numeric_non_root_user() -> None:
+    uid, gid = dockerfile_user()
+    assert uid >= 1000 and gid >= 1000
+    runs = " ".join(dockerfile()[-1].all("RUN"))
+    assert f"--uid {uid}" in runs and f"--gid {gid}" in runs, "the user has no passwd entry"
+
+
+def parse_cli(argv: list[str]) -> Any:
+    args = cli.build_parser().parse_args(argv)
+    assert args.func is cli.cmd_serve, argv
+    return args
+
+
+def test_entrypoint_and_cmd_are_the_real_cli() -> None:
+    final = dockerfile()[-1]
+    entrypoint = exec_form(final.last("ENTRYPOINT"))
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint == ["gateway"] and "gateway" in scripts
+    assert parse_cli(exec_form(final.last("CMD"))).config == "/etc/gateway/config.yaml"
+
+
+def healthcheck_argv() -> list[str]:
+    match = re.fullmatch(r"((?:--\S+ )*)CMD (\[.*\])", dockerfile()[-1].last("HEALTHCHECK"))
+    assert match, "HEALTHCHECK must use the exec form"
+    argv = exec_form(match[2])
+    assert argv[:2] == ["python", "-c"] and "/healthz" in argv[2]
+    assert not {"curl", "wget"} & set(re.findall(r"\w+", argv[2]))
+    return argv
+
+
+async def run_healthcheck(port: int) -> int:
+    argv = [sys.executable, *healthcheck_argv()[1:]]
+    process = await asyncio.create_subprocess_exec(*argv, env={"GATEWAY__SERVER__PORT": str(port)})
+    return await asyncio.wait_for(process.wait(), 30)
+
+
+async def test_the_healthcheck_passes_on_a_live_gateway_and_fails_without_one(
+    start_gateway: StartGateway,
+) -> None:
+    server = await start_gateway()
+    assert await run_healthcheck(server.port) == 0
+    await server.close()
+    assert await run_healthcheck(server.port) != 0
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches the path or a parent decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        glob = pattern.lstrip("!").strip("/")
+        globs = [glob, glob[3:]] if glob.startswith("**/") else [glob]
+        if any(fnmatch.fnmatchcase(p, g) for p in prefixes for g in globs):
+            ignored = not negated
+    return ignored
+
+
+def test_the_dockerignore_sends_what_the_build_copies_and_nothing_local() -> None:
+    lines = DOCKERIGNORE.read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for rest in dockerfile()[0].all("COPY"):
+        for source in rest.split()[:-1]:
+            assert (ROOT / source).exists(), source
+            assert not dockerignored(source, patterns), f"{source} is not in the build context"
+    package = [p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway").rglob("*")]
+    for path in package:
+        if "__pycache__" not in path:
+            assert not dockerignored(path, patterns), path
+    for path in [".venv/bin/python", ".git/HEAD", "tests/conftest.py", "gateway/__pycache__/a.pyc"]:
+        assert dockerignored(path, patterns), path
+
+
+# --- rendering the kustomizations -------------------------------------------------
+
+SUPPORTED = {"apiVersion", "kind", "resources", "configMapGenerator", "namespace", "images"}
+SUPPORTED |= {"patches", "generatorOptions"}
+CLUSTER_SCOPED = {"Namespace"}
+#: Strategic merge: these lists merge item by item on the key; all others are replaced.
+LIST_MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name"}
+
+
+def configmap_hash(name: str, data: dict[str, str]) -> str:
+    """kustomize's suffix: sha256 of the ConfigMap as Go's sorted JSON, first 10 hex
+    digits with 0, 1, 3, a, e mapped to g, h, k, m, t."""
+    encoded = json.dumps(
+        {"kind": "ConfigMap", "name": name, "data": data},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        encoded = encoded.replace(char, escape)  # Go's json escapes HTML characters
+    digest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
+    return digest.translate(str.maketrans("013ae", "ghkmt"))
+
+
+def test_the_configmap_hash_is_kustomizes() -> None:
+    # The vectors of kubectl's / kustomize's own hasher tests.
+    assert configmap_hash("", {}) == "42745tchd9"
+    assert configmap_hash("", {"one": ""}) == "9g67k2htb6"
+    assert configmap_hash("", {"two": "2", "one": "", "three": "3"}) == "f5h7t85m9b"
+
+
+def strategic_merge(target: Any, patch: Any) -> Any:
+    if isinstance(target, dict) and isinstance(patch, dict):
+        merged = dict(target)
+        for key, value in patch.items():
+            assert not key.startswith("$"), f"patch directive {key} is not implemented"
+            if value is None:
+                merged.pop(key, None)
+            elif key in LIST_MERGE_KEYS and isinstance(merged.get(key), list):
+                merge_key = LIST_MERGE_KEYS[key]
+                items = list(merged[key])
+                for item in value:
+                    names = [existing[merge_key] for existing in items]
+                    if item[merge_key] in names:
+                        index = names.index(item[merge_key])
+                        items[index] = strategic_merge(items[index], item)
+                    else:
+                        items.append(item)
+                merged[key] = items
+            else:
+                merged[key] = strategic_merge(merged.get(key), value)
+        return merged
+    return copy.deepcopy(patch)
+
+
+def pod_spec(doc: dict) -> dict | None:
+    return doc.get("spec", {}).get("template", {}).get("spec")
+
+
+def all_containers(spec: dict) -> list[dict]:
+    return spec.get("containers", []) + spec.get("initContainers", [])
+
+
+def rename_configmap_references(docs: list[dict], renames: dict[str, str]) -> None:
+    for doc in docs:
+        spec = pod_spec(doc)
+        if spec is None:
+            continue
+        refs = [v["configMap"] for v in spec.get("volumes", []) if "configMap" in v]
+        for container in all_containers(spec):
+            refs += [e["configMapRef"] for e in container.get("envFrom", []) if "configMapRef" in e]
+            sources = [e.get("valueFrom", {}) for e in container.get("env", [])]
+            refs += [s["configMapKeyRef"] for s in sources if "configMapKeyRef" in s]
+        for ref in refs:
+            ref["name"] = renames.get(ref["name"], ref["name"])
+
+
+def set_image(container: dict, images: list[dict]) -> None:
+    name, _, digest = container["image"].partition("@")
+    tag = ""
+    if ":" in name.rsplit("/", 1)[-1]:
+        name, tag = name.rsplit(":", 1)
+    for image in images:
+        if image["name"] == name:
+            name = image.get("newName", name)
+            tag, digest = image.get("newTag", tag), image.get("digest", digest)
+    container["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+
+
+@functools.cache
+def render(directory: Path) -> tuple[dict, ...]:
+    """What `kustomize build directory` outputs, for the fields in SUPPORTED."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(kustomization) <= SUPPORTED, f"not implemented: {set(kustomization) - SUPPORTED}"
+    docs: list[dict] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        if path.is_dir():
+            docs += copy.deepcopy(list(render(path.resolve())))
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+    options = kustomization.get("generatorOptions", {})
+    renames = {}
+    for generator in kustomization.get("configMapGenerator", []):
+        assert set(generator) <= {"name", "files", "options"}, generator
+        data = {}
+        for entry in generator["files"]:
+            key, _, file = entry.rpartition("=")
+            data[key or Path(file).name] = (directory / file).read_text()
+        name = generator["name"]
+        if not {**options, **generator.get("options", {})}.get("disableNameSuffixHash"):
+            renames[name] = f"{name}-{configmap_hash(name, data)}"
+        metadata = {"name": renames.get(name, name)}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    rename_configmap_references(docs, renames)
+
+    for entry in kustomization.get("patches", []):
+        assert set(entry) == {"path"}, f"only file patches are implemented: {entry}"
+        patch = yaml.safe_load((directory / entry["path"]).read_text())
+        key = (patch["kind"], patch["metadata"]["name"])
+        targets = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) == key]
+        assert len(targets) == 1, f"patch {entry['path']} matches {len(targets)} objects"
+        docs[targets[0]] = strategic_merge(docs[targets[0]], patch)
+
+    for doc in docs:
+        spec = pod_spec(doc)
+        for container in all_containers(spec) if spec else []:
+            set_image(container, kustomization.get("images", []))
+        if "namespace" in kustomization and doc["kind"] not in CLUSTER_SCOPED:
+            doc["metadata"]["namespace"] = kustomization["namespace"]
+    return tuple(docs)
+
+
+def test_the_renderer_applies_the_overlay() -> None:
+    base, production = render(BASE), render(PRODUCTION)
+    assert len(production) == len(base) + 1  # the Namespace
+    assert {d["metadata"].get("namespace") for d in production if d["kind"] != "Namespace"} == {
+        yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text())["namespace"]
+    }
+    base_env = [e["name"] for e in main_container(render(BASE))["env"]]
+    production_env = [e["name"] for e in main_container(render(PRODUCTION))["env"]]
+    assert production_env[: len(base_env)] == base_env and len(production_env) > len(base_env)
+
+
+# --- helpers over the rendered objects --------------------------------------------
+
+
+def one(docs: tuple[dict, ...], kind: str) -> dict:
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} objects of kind {kind}"
+    return found[0]
+
+
+def main_container(docs: tuple[dict, ...]) -> dict:
+    containers = pod_spec(one(docs, "Deployment"))["containers"]
+    return next(c for c in containers if c["name"] == "gateway")
+
+
+def pod_labels(docs: tuple[dict, ...]) -> dict[str, str]:
+    return one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def container_port(container: dict, port: int | str) -> int:
+    """A probe's or Service's port: a number, or the name of a container port."""
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+
+
+def served_config(docs: tuple[dict, ...]) -> str:
+    """config.yaml as the pod sees it: the ConfigMap mounted where `--config` points."""
+    container = main_container(docs)
+    config = Path(parse_cli(container["args"]).config)
+    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == config.parent)
+    volumes = pod_spec(one(docs, "Deployment"))["volumes"]
+    volume = next(v for v in volumes if v["name"] == mount["name"])
+    configmap = one(docs, "ConfigMap")
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    return configmap["data"][config.name]
+
+
+def pod_environment(docs: tuple[dict, ...]) -> dict[str, str]:
+    env = {}
+    for entry in main_container(docs).get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        else:
+            env[entry["name"]] = FAKE_SECRETS[entry["valueFrom"]["secretKeyRef"]["key"]]
+    return env
+
+
+def effective_settings(docs: tuple[dict, ...], tmp_path: Path) -> Settings:
+    """The gateway's own loader on the mounted file with the container's environment only."""
+    path = tmp_path / "config.yaml"
+    path.write_text(served_config(docs))
+    return load_settings(path, env=pod_environment(docs))
+
+
+def prestop_seconds(container: dict) -> float:
+    pre_stop = container["lifecycle"]["preStop"]
+    if "sleep" in pre_stop:
+        return float(pre_stop["sleep"]["seconds"])
+    command = pre_stop["exec"]["command"]
+    assert command[0] in {"/bin/sleep", "sleep"} and len(command) == 2, command
+    return float(command[1])
+
+
+def quantity(value: str | int) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    match = re.fullmatch(r"([0-9.]+)(m|Ki|Mi|Gi)?", str(value))
+    assert match, value
+    return float(match[1]) * units.get(match[2] or "", 1)
+
+
+# --- schemas ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZATIONS))
+def test_every_manifest_is_valid_for_kubernetes(overlay: str, version: str) -> None:
+    docs = render(KUSTOMIZATIONS[overlay])
+    kinds = [doc["kind"] for doc in docs]
+    expected = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceMonitor"}
+    assert expected | {"HorizontalPodAutoscaler"} <= set(kinds)
+    assert len(set(kinds)) == len(kinds)
+    for doc in docs:
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            continue  # a CRD: test_the_servicemonitor_scrapes_the_metrics_port
+        used = kubernetes_validate.validate(doc, version, strict=True)
+        assert used == version.rsplit(".", 1)[0], f"schema {used} used for {version}"
+    example = yaml.safe_load((BASE / "secret.example.yaml").read_text())
+    kubernetes_validate.validate(example, version, strict=True)
+
+
+def test_the_validator_rejects_a_broken_manifest() -> None:
+    deployment = copy.deepcopy(one(render(BASE), "Deployment"))
+    pod_spec(deployment)["containers"][0]["readinessProbe"]["httpGet"]["pathh"] = "/readyz"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+
+
+# --- invariants across the files ----------------------------------------------------
+
+
+@pytest.fixture(params=sorted(KUSTOMIZATIONS))
+def docs(request: pytest.FixtureRequest) -> tuple[dict, ...]:
+    return render(KUSTOMIZATIONS[request.param])
+
+
+def test_the_configmap_loads_with_the_gateways_config_loader(
+    docs: tuple[dict, ...], tmp_path: Path
+) -> None:
+    settings = effective_settings(docs, tmp_path)
+    assert settings.server.host == "0.0.0.0" and not settings.auth.anonymous
+    assert settings.auth.ticket_secret is not None, "replicas must share the ticket secret"
+    assert settings.server.metrics_port not in (None, settings.server.port)
+    # The file holds no secret: each one comes from the environment.
+    text = served_config(docs)
+    assert not [value for value in FAKE_SECRETS.values() if value in text]
+    assert re.search(r"api_key: \$\{\w+\}", text) and re.search(r"sha256: \$\{\w+\}", text)
+
+
+def test_the_command_matches_the_image(docs: tuple[dict, ...]) -> None:
+    container = main_container(docs)
+    image_cmd = parse_cli(exec_form(dockerfile()[-1].last("CMD")))
+    assert parse_cli(container["args"]).config == image_cmd.config
+    assert "command" not in container, "the image's ENTRYPOINT must stay `gateway`"
+
+
+def test_termination_grace_outlasts_prestop_and_drain(
+    docs: tuple[dict, ...], tmp_path: Path
+) -> None:
+    settings = effective_settings(docs, tmp_path)
+    pause = prestop_seconds(main_container(docs))
+    assert pause >= 3, "endpoints need a few seconds to drop the pod"
+    drain = settings.server.shutdown_grace_s + CLOSE_BUDGET_S + FINAL_SHUTDOWN_S
+    grace = pod_spec(one(docs, "Deployment"))["terminationGracePeriodSeconds"]
+    assert grace >= pause + drain + MARGIN_S, (grace, pause, drain)
+
+
+def test_probes_and_ports_match_the_config(docs: tuple[dict, ...], tmp_path: Path) -> None:
+    settings = effective_settings(docs, tmp_path)
+    container = main_container(docs)
+    paths = {"readinessProbe": "/readyz", "livenessProbe": "/healthz", "startupProbe": "/healthz"}
+    for probe, path in paths.items():
+        if probe == "startupProbe" and probe not in container:
+            continue
+        http = container[probe]["httpGet"]
+        assert http["path"] == path, probe
+        assert container_port(container, http["port"]) == settings.server.port, probe
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert ports == {settings.server.port, settings.server.metrics_port}
+    exposed = {int(p) for rest in dockerfile()[-1].all("EXPOSE") for p in rest.split()}
+    assert exposed == ports
+
+
+def test_the_pod_is_annotated_for_scraping_the_metrics_port(
+    docs: tuple[dict, ...], tmp_path: Path
+) -> None:
+    settings = effective_settings(docs, tmp_path)
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/port"] == str(settings.server.metrics_port)
+    assert container_port(main_container(docs), "metrics") == settings.server.metrics_port
+
+
+def relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None:
+    """Prometheus relabelling (keep and replace), enough for kubernetes-scrape.yml."""
+    for rule in rules:
+        value = ";".join(labels.get(name, "") for name in rule["source_labels"])
+        match = re.fullmatch(rule.get("regex", "(.*)"), value)
+        action = rule.get("action", "replace")
+        if action == "keep" and not match:
+            return None
+        if action == "replace" and match:
+            replacement = re.sub(r"\$(\d+)", r"\\g<\1>", rule.get("replacement", "$1"))
+            labels[rule["target_label"]] = match.expand(replacement)
+        assert action in {"keep", "replace"}, action
+    return labels
+
+
+def test_the_kubernetes_scrape_job_keeps_the_pod_and_targets_its_metrics_port(
+    docs: tuple[dict, ...], tmp_path: Path
+) -> None:
+    settings = effective_settings(docs, tmp_path)
+    template = one(docs, "Deployment")["spec"]["template"]["metadata"]
+    meta = {"__address__": f"10.1.2.3:{settings.server.port}", "__metrics_path__": "/metrics"}
+    for kind, source in (("label", template["labels"]), ("annotation", template["annotations"])):
+        for name, value in source.items():
+            meta[f"__meta_kubernetes_pod_{kind}_{re.sub(r'[^A-Za-z0-9_]', '_', name)}"] = value
+    (job,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    target = relabel(dict(meta), job["relabel_configs"])
+    assert target is not None, "the scrape job drops the gateway's pods"
+    assert target["__address__"] == f"10.1.2.3:{settings.server.metrics_port}"
+    assert target["__metrics_path__"] == "/metrics"
+    unlabelled = {k: v for k, v in meta.items() if "app_kubernetes_io_name" not in k}
+    assert relabel(unlabelled, job["relabel_configs"]) is None
+
+
+def test_service_pdb_and_hpa_target_the_deployment(docs: tuple[dict, ...]) -> None:
+    deployment, labels = one(docs, "Deployment"), pod_labels(docs)
+    assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+    service = one(docs, "Service")
+    assert selects(service["spec"]["selector"], labels)
+    for port in service["spec"]["ports"]:
+        container_port(main_container(docs), port["targetPort"])  # names a container port
+    assert selects(one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
+    target = hpa["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+    assert target["name"] == deployment["metadata"]["name"]
+    assert 2 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    # A PDB that allows no eviction at the HPA's minimum would block every node drain.
+    pdb = one(docs, "PodDisruptionBudget")["spec"]
+    assert pdb.get("maxUnavailable", 0) >= 1 or pdb["minAvailable"] < hpa["minReplicas"]
+    # Utilization is relative to the request: without one the HPA cannot scale.
+    (metric,) = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert quantity(main_container(docs)["resources"]["requests"]["cpu"]) > 0
+
+
+def test_the_servicemonitor_scrapes_the_metrics_port(docs: tuple[dict, ...]) -> None:
+    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"].get("namespace") == service["metadata"].get("namespace")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert port["targetPort"] == "metrics" and endpoint["path"] == "/metrics"
+    # The alerts use job="gateway": the operator names the job after the Service.
+    assert service["metadata"]["name"] == "gateway" and "jobLabel" not in monitor["spec"]
+
+
+def test_the_pod_is_locked_down(docs: tuple[dict, ...]) -> None:
+    spec = pod_spec(one(docs, "Deployment"))
+    uid, gid = dockerfile_user()
+    assert spec["automountServiceAccountToken"] is False
+    context = spec["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in all_containers(spec):
+        own = container["securityContext"]
+        assert own["allowPrivilegeEscalation"] is False
+        assert own["readOnlyRootFilesystem"] is True
+        assert own["capabilities"] == {"drop": ["ALL"]}
+        assert own.get("runAsUser", uid) == uid and own.get("runAsNonRoot", True) is True
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        tmp = next(v for v in spec["volumes"] if v["name"] == mounts["/tmp"]["name"])
+        assert "emptyDir" in tmp, "a read-only root needs a writable /tmp"
+        assert all(m.get("readOnly") for m in mounts.values() if m["mountPath"] != "/tmp")
+    assert {key for v in spec["volumes"] for key in v} <= {"name", "configMap", "emptyDir"}
+
+
+def test_rollouts_and_spreading_keep_capacity(docs: tuple[dict, ...]) -> None:
+    deployment = one(docs, "Deployment")
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert (rolling["maxUnavailable"], rolling["maxSurge"]) == (0, 1)
+    spec = pod_spec(deployment)
+    spreads = {
+        c["topologyKey"]
+        for c in spec.get("topologySpreadConstraints", [])
+        if selects(c["labelSelector"]["matchLabels"], pod_labels(docs))
+    }
+    anti = spec.get("affinity", {}).get("podAntiAffinity")
+    assert "kubernetes.io/hostname" in spreads or anti, "replicas may share one node"
+    for container in all_containers(spec):
+        resources = container["resources"]
+        for kind in ("cpu", "memory"):
+            request, limit = resources["requests"][kind], resources["limits"][kind]
+            assert 0 < quantity(request) <= quantity(limit), (kind, request, limit)
+
+
+def test_secrets_are_referenced_but_never_rendered(docs: tuple[dict, ...]) -> None:
+    assert not [doc for doc in docs if doc["kind"] == "Secret"]
+    example = yaml.safe_load((BASE / "secret.example.yaml").read_text())
+    for directory in KUSTOMIZATIONS.values():
+        resources = yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]
+        assert "secret.example.yaml" not in resources
+    refs = [
+        entry["valueFrom"]["secretKeyRef"]
+        for entry in main_container(docs)["env"]
+        if "secretKeyRef" in entry.get("valueFrom", {})
+    ]
+    assert refs
+    for ref in refs:
+        assert ref["name"] == example["metadata"]["name"]
+        assert ref["key"] in example["stringData"] and ref["key"] in FAKE_SECRETS
+        assert ref.get("optional") is not True, "a missing secret must stop the pod"
+
+
+def test_the_base_image_is_a_placeholder_and_production_pins_one() -> None:
+    assert main_container(render(BASE))["image"] == "gateway"
+    image = main_container(render(PRODUCTION))["image"]
+    repository, _, tag = image.partition("@")[0].rpartition(":")
+    assert "/" in repository and tag and tag != "latest", image
+
+
+def test_production_shares_logs_and_limits_through_redis(tmp_path: Path) -> None:
+    docs = render(PRODUCTION)
+    settings = effective_settings(docs, tmp_path)
+    assert settings.streams.backend == "redis" and settings.rate_limit.backend == "redis"
+    assert settings.redis.url == FAKE_SECRETS["REDIS_URL"]
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 3
+    namespace = one(docs, "Namespace")
+    assert namespace["metadata"]["name"] == one(docs, "Deployment")["metadata"]["namespace"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
