@@ -81,6 +81,9 @@ class OpenAIModel(_Section):
     timeout_s: float = Field(default=60, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
     fallbacks: tuple[str, ...] = ()
+    #: Extension of the contract: open connections to this upstream at most (one
+    #: per running stream). The SDK's default, 1,000, queued streams past it.
+    max_connections: int = Field(default=10_000, ge=1)
 
 
 ModelSettings = Annotated[SimulatedModel | OpenAIModel, Field(discriminator="provider")]

@@ -60,9 +60,16 @@ def _scrub(value: Any) -> Any:
 
 
 class Event:
-    """One entry of a generation's log."""
+    """One entry of a generation's log.
 
-    __slots__ = ("_cache", "fields", "generation_id", "json", "seq", "type")
+    Kept lean, because finished logs are retained for late resumes: a token
+    event holds only its JSON body (its text is read back from it when
+    asked), and caches one wire encoding, dropped when the log is finished.
+    About 160 bytes plus the JSON (tracemalloc), against 700 with a fields
+    dict and a cache dict per event.
+    """
+
+    __slots__ = ("_encoded", "_fields", "_wire", "generation_id", "json", "seq", "type")
 
     def __init__(
         self, generation_id: str, type: EventType, seq: int, fields: dict[str, Any]
@@ -70,16 +77,19 @@ class Event:
         self.generation_id = generation_id
         self.type = type
         self.seq = seq
+        stored: dict[str, Any] | None = fields
         try:
             if type == "token" and len(fields) == 1 and "text" in fields:
                 self.json = _token_json(seq, fields["text"])
+                stored = None  # the text is in self.json
             else:
                 self.json = _dumps_compact({"type": type, "seq": seq, **fields})
         except (orjson.JSONEncodeError, UnicodeEncodeError):
-            fields = _scrub(fields)
-            self.json = _dumps_compact({"type": type, "seq": seq, **fields})
-        self.fields = fields
-        self._cache: dict[str, bytes] = {}
+            stored = _scrub(fields)
+            self.json = _dumps_compact({"type": type, "seq": seq, **stored})
+        self._fields = stored
+        self._wire: str | None = None
+        self._encoded: bytes | None = None
 
     @classmethod
     def decoded(cls, generation_id: str, raw: bytes) -> Event:
@@ -89,10 +99,25 @@ class Event:
         event.generation_id = generation_id
         event.type = data.pop("type")
         event.seq = data.pop("seq")
-        event.fields = data
+        event._fields = data
         event.json = raw
-        event._cache = {}
+        event._wire = event._encoded = None
         return event
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        if self._fields is not None:
+            return self._fields
+        data = orjson.loads(self.json)
+        del data["type"], data["seq"]
+        return data
+
+    @property
+    def text_json(self) -> bytes:
+        """A token's text as the JSON string inside `json` (no re-encoding)."""
+        if self._fields is not None:
+            return json_string(self._fields["text"])
+        return self.json[self.json.index(b',"text":') + 8 : -1]
 
     @property
     def terminal(self) -> bool:
@@ -104,11 +129,20 @@ class Event:
         return f"{self.generation_id}:{self.seq}"
 
     def encoded(self, wire_format: str, encode: Callable[[Event], bytes]) -> bytes:
-        """`encode(self)`, computed once per wire format."""
-        data = self._cache.get(wire_format)
-        if data is None:
-            data = self._cache[wire_format] = encode(self)
+        """`encode(self)`, computed once while subscribers share one wire format.
+
+        One slot, not a dict per format: mixed formats on one generation are
+        rare and re-encoding costs about a microsecond.
+        """
+        if self._wire == wire_format:
+            return self._encoded  # type: ignore[return-value]
+        data = encode(self)
+        self._wire, self._encoded = wire_format, data
         return data
+
+    def forget_encoding(self) -> None:
+        """Free the cached wire encoding (the log is finished; resumes re-encode)."""
+        self._wire = self._encoded = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": self.type, "seq": self.seq, **self.fields}

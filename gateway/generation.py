@@ -32,6 +32,12 @@ def estimate_prompt_tokens(request: GenerationRequest) -> int:
     return sum(max(1, math.ceil(len(m.content) / 4)) for m in request.chat)
 
 
+#: What an event costs in memory beyond its JSON body (the object and the
+#: bytes header; tracemalloc), so that `streams.retention_max_bytes` bounds
+#: real memory rather than wire bytes.
+EVENT_OVERHEAD_BYTES = 170
+
+
 class Generation:
     """Owns one provider stream; appends `start`, `token`…, `done`|`error`."""
 
@@ -170,7 +176,7 @@ class Generation:
     def _append(self, type: EventType, fields: dict[str, Any]) -> None:
         event = Event(self.id, type, len(self.events), fields)
         self.events.append(event)
-        self.size_bytes += len(event.json)
+        self.size_bytes += len(event.json) + EVENT_OVERHEAD_BYTES
         # Wake every waiting subscriber. Bare futures, not an asyncio.Event
         # per append: this runs once per token and the Event cost ~8% of CPU.
         if self.on_append is not None:

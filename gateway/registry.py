@@ -110,6 +110,8 @@ class GenerationRegistry:
             task.add_done_callback(self._releasing.discard)
         if self._settings.retention_s <= 0:
             return
+        for event in generation.events:
+            event.forget_encoding()
         self._finished[generation.id] = generation
         self._finished_bytes += generation.size_bytes
         loop = asyncio.get_running_loop()

@@ -59,7 +59,11 @@ class OpenAIProvider:
             max_retries=0,
             # The SDK's aiohttp transport: ~28% less CPU per paced token than
             # httpx2's own (bench/openai_proxy.py), on the loop we already run.
-            http_client=openai.DefaultAioHttpClient(),
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(
+                    max_connections=model.max_connections, max_keepalive_connections=100
+                )
+            ),
             timeout=httpx2.Timeout(
                 model.timeout_s, connect=min(_CONNECT_TIMEOUT_S, model.timeout_s)
             ),

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import GatewayError, InternalError, InvalidRequest, UpstreamError
-from gateway.events import Event, json_string
+from gateway.events import Event
 from gateway.generation import Generation, Subscription
 from gateway.keys import settings_key
 from gateway.middleware import json_response
@@ -127,7 +127,7 @@ class ChunkEncoder:
     def token(self, event: Event) -> bytes:
         return self._frame(
             b',"system_fingerprint":null,"choices":[{"index":0,"delta":{"content":%s},'
-            b'"logprobs":null,"finish_reason":null}]}' % json_string(event.fields["text"])
+            b'"logprobs":null,"finish_reason":null}]}' % event.text_json
         )
 
     def finish(self, event: Event) -> bytes:

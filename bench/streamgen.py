@@ -1,0 +1,252 @@
+"""Load generator of the benchmark suite: streams over one transport, in its own process.
+
+    python -m bench.streamgen --url http://127.0.0.1:8080 --transport sse --model paced-20 \
+        --concurrency 500 --duration-s 30 --tokens 100
+
+It must not be the bottleneck, so it does not parse events: it counts each
+transport's token marker in the raw bytes (one WebSocket message per event).
+`--duration-s` keeps `--concurrency` streams running, each starting a new one
+when it ends; without it, `--streams` streams run, `--concurrency` at a time.
+`--drop-after N` closes the connection after N tokens and reports the moment
+(`time.monotonic()`, system-wide on Linux) with the stream's `X-Request-ID`,
+so that the orchestrator can ask the upstream when it stopped. One JSON
+summary goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+#: What one token looks like in the raw bytes of each transport.
+MARKS = {
+    "openai": b'"delta":{"content":',  # the role chunk (`"delta":{"role":…`) does not match
+    "sse": b"event: token\n",
+    "chunked": b'{"type":"token"',
+    "ws": b'"type":"token"',
+}
+ROUTES = {
+    "openai": "/v1/chat/completions",
+    "sse": "/v1/stream/sse",
+    "chunked": "/v1/stream/chunked",
+}
+
+
+@dataclass
+class Totals:
+    started: int = 0
+    completed: int = 0
+    tokens: int = 0
+    open: int = 0
+    peak: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    ttfts: array = field(default_factory=lambda: array("d"))
+    gaps: array = field(default_factory=lambda: array("d"))
+    durations: array = field(default_factory=lambda: array("d"))
+    drops: list[dict[str, Any]] = field(default_factory=list)
+
+    def failed(self, why: str) -> None:
+        self.errors[why] = self.errors.get(why, 0) + 1
+
+
+class Stream:
+    """One stream's clock: TTFT, the gaps between tokens, and its count."""
+
+    def __init__(self, totals: Totals, mark: bytes) -> None:
+        self.totals = totals
+        self.mark = mark
+        self.started = time.perf_counter()
+        self.last: float | None = None
+        self.tokens = 0
+        self.tail = b""
+
+    def saw(self, data: bytes) -> int:
+        """Count the tokens in `data` (a marker may straddle two reads)."""
+        window = self.tail + data
+        found = window.count(self.mark)
+        self.tail = window[-(len(self.mark) - 1) :]
+        if found:
+            now = time.perf_counter()
+            if self.last is None:
+                self.totals.ttfts.append(now - self.started)
+            else:
+                self.totals.gaps.append(now - self.last)
+            self.totals.gaps.extend([0.0] * (found - 1))
+            self.last = now
+            self.tokens += found
+            self.totals.tokens += found
+        return found
+
+
+def percentile(values: array | list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Generator:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.totals = Totals()
+        self.mark = MARKS[args.transport]
+        self.counter = 0
+
+    def body(self, index: int) -> bytes:
+        fields: dict[str, Any] = {
+            "model": self.args.model,
+            "messages": [{"role": "user", "content": f"bench stream {index}"}],
+            "max_tokens": self.args.tokens,
+        }
+        if self.args.transport == "openai":
+            fields["stream"] = True
+        return orjson.dumps(fields)
+
+    def headers(self, index: int) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.args.drop_after:
+            headers["X-Request-ID"] = f"rec-{self.args.tag}-{index}"
+        return headers
+
+    async def one(self, session: aiohttp.ClientSession) -> None:
+        index = self.counter
+        self.counter += 1
+        totals = self.totals
+        totals.started += 1
+        stream = Stream(totals, self.mark)
+        totals.open += 1
+        totals.peak = max(totals.peak, totals.open)
+        try:
+            async with asyncio.timeout(self.args.timeout_s):
+                if self.args.transport == "ws":
+                    ended = await self._websocket(session, stream, index)
+                else:
+                    ended = await self._http(session, stream, index)
+            if ended == "dropped":
+                pass
+            elif ended != "done":
+                totals.failed(ended)
+            elif stream.tokens != self.args.tokens:
+                totals.failed("missing tokens")
+            else:
+                totals.completed += 1
+                totals.durations.append(time.perf_counter() - stream.started)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            totals.failed(type(exc).__name__)
+        finally:
+            totals.open -= 1
+
+    def _dropped(self, index: int) -> str:
+        self.totals.drops.append({"id": f"rec-{self.args.tag}-{index}", "at": time.monotonic()})
+        return "dropped"
+
+    async def _http(self, session: aiohttp.ClientSession, stream: Stream, index: int) -> str:
+        url = self.args.url + ROUTES[self.args.transport]
+        async with session.post(url, data=self.body(index), headers=self.headers(index)) as r:
+            if r.status != 200:
+                return f"HTTP {r.status}"
+            error_marks = (b"event: error", b'"type":"error"', b'data: {"error"')
+            async for chunk in r.content.iter_any():
+                stream.saw(chunk)
+                if self.args.drop_after and stream.tokens >= self.args.drop_after:
+                    dropped = self._dropped(index)
+                    r.close()  # the connection, mid-body: as a closed browser tab
+                    return dropped
+                if any(mark in chunk for mark in error_marks):
+                    return "error event"
+        return "done"
+
+    async def _websocket(self, session: aiohttp.ClientSession, stream: Stream, index: int) -> str:
+        headers = self.headers(index)
+        headers.pop("Content-Type")
+        async with session.ws_connect(self.args.url + "/v1/stream/ws", headers=headers) as ws:
+            message = b'{"type":"generate","request_id":"r",' + self.body(index)[1:]
+            await ws.send_str(message.decode())
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.TEXT:
+                    return f"websocket {frame.type.name}"
+                data = frame.data.encode()
+                stream.saw(data)
+                if self.args.drop_after and stream.tokens >= self.args.drop_after:
+                    dropped = self._dropped(index)
+                    await ws.close()  # as a browser closing the tab (1001 or 1000)
+                    return dropped
+                if b'"type":"done"' in data:
+                    return "done"
+                if b'"type":"error"' in data:
+                    return "error event"
+        return "closed early"
+
+    async def run(self) -> dict[str, Any]:
+        args = self.args
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            began = time.perf_counter()
+            deadline = began + args.duration_s if args.duration_s else None
+
+            async def worker(slot: int) -> None:
+                await asyncio.sleep(args.ramp_s * slot / max(1, args.concurrency))
+                while True:
+                    if deadline is None and self.counter >= args.streams:
+                        return
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        return
+                    await self.one(session)
+
+            await asyncio.gather(*(worker(slot) for slot in range(args.concurrency)))
+            wall = time.perf_counter() - began
+        t = self.totals
+        return {
+            "started": t.started,
+            "completed": t.completed,
+            "errors": t.errors,
+            "tokens": t.tokens,
+            "wall_s": wall,
+            "tokens_per_s": t.tokens / wall if wall else 0.0,
+            "peak_open": t.peak,
+            "ttft_p50_s": percentile(t.ttfts, 0.5),
+            "ttft_p99_s": percentile(t.ttfts, 0.99),
+            "itl_p50_s": percentile(t.gaps, 0.5),
+            "itl_p99_s": percentile(t.gaps, 0.99),
+            "duration_p50_s": percentile(t.durations, 0.5),
+            "duration_p99_s": percentile(t.durations, 0.99),
+            "drops": t.drops,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="the server's base URL")
+    parser.add_argument("--transport", choices=sorted(MARKS), default="openai")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--duration-s", type=float, default=0.0)
+    parser.add_argument("--ramp-s", type=float, default=0.0, help="spread the first starts")
+    parser.add_argument("--drop-after", type=int, default=0)
+    parser.add_argument("--tag", default="run", help="part of recorded request ids")
+    parser.add_argument("--timeout-s", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    from gateway.server import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        summary = loop.run_until_complete(Generator(args).run())
+    finally:
+        loop.close()
+    sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,369 @@
+"""The benchmark suite: each scenario straight to a fast fake upstream and through the gateway.
+
+    python -m bench.suite                 # S1-S5, 3 rounds (about 15 minutes)
+    python -m bench.suite --quick         # shorter runs, 1 round (about 2 minutes)
+    python -m bench.suite --only S1,S4 --json /tmp/suite.json
+
+Three kinds of process: `bench.fast_upstream` (OpenAI's chunk format,
+pre-encoded), `gateway serve` with one `openai` model per pacing pointed at
+it, and a `bench.streamgen` load generator per run. Every scenario runs the
+same load (a) straight to the upstream and (b) through the gateway on each
+transport, alternating within each round; the table gives medians over rounds
+and the ratio or difference against (a) in the same run, since the machine is
+shared and noisy. CPU and RSS are the gateway process's, from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+import yaml
+
+from bench.sse_streams import free_port, wait_ready
+
+#: Gateway model name = the upstream's pacing (see bench/fast_upstream.py).
+MODELS = ("fast", "paced-20", "paced-1000")
+TRANSPORTS = ("openai", "sse", "chunked", "ws")
+
+
+@dataclass
+class Proc:
+    url: str
+    process: asyncio.subprocess.Process
+    #: The same gateway config with `streams.resume_grace_s: 0` (S4).
+    grace_zero: Proc | None = None
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+
+def raise_fd_limit(wanted: int = 65_536) -> int:
+    """10,000 streams need 20,000+ descriptors in the gateway (client + upstream side)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, PermissionError):  # not root: as far as the hard limit goes
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def gateway_config(port: int, upstream: str, resume_grace_s: float = 10) -> dict[str, Any]:
+    """Defaults, with limits lifted so that the suite measures streaming, not refusals."""
+    off = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
+    models = [
+        {
+            "name": name,
+            "provider": "openai",
+            "base_url": f"{upstream}/v1",
+            "api_key": "bench",
+            "upstream_model": name,
+            "max_retries": 0,
+            "timeout_s": 120,
+        }
+        for name in MODELS
+    ]
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "streams": {"resume_grace_s": resume_grace_s},
+        "models": models,
+        "auth": {"anonymous": True},
+        "rate_limit": {"default": off},
+        "logging": {"level": "warning"},
+    }
+
+
+async def start(*command: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+
+
+class RssSampler:
+    """The peak RSS of a process while a run lasts (sampled every 100 ms)."""
+
+    def __init__(self, ps: psutil.Process) -> None:
+        self.ps = ps
+        self.before = ps.memory_info().rss
+        self.peak = self.before
+        self._task = asyncio.ensure_future(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.ps.memory_info().rss)
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        self.peak = max(self.peak, self.ps.memory_info().rss)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def load(watched: Proc, url: str, transport: str, model: str, **options: Any) -> dict:
+    """One streamgen run against `url`; CPU and RSS are `watched`'s."""
+    args = [sys.executable, "-m", "bench.streamgen", "--url", url]
+    args += ["--transport", transport, "--model", model]
+    for name, value in options.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    ps = watched.ps
+    cpu_before = sum(ps.cpu_times()[:2])
+    rss = RssSampler(ps)
+    generator = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await generator.communicate()
+    await rss.stop()
+    if generator.returncode != 0:
+        raise RuntimeError(f"streamgen failed: {err.decode()[-2000:]}")
+    summary = orjson.loads(out)
+    summary["cpu_s"] = sum(ps.cpu_times()[:2]) - cpu_before
+    summary["rss_before"] = rss.before
+    summary["rss_peak"] = rss.peak
+    return summary
+
+
+async def upstream_stats(upstream: str, ids: list[str]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{upstream}/stats", params={"ids": ",".join(ids)}) as r:
+            return await r.json()
+
+
+# -- scenarios: each returns {row label: {metric: value}} for one round ----------
+
+Runs = dict[str, dict[str, float]]
+
+
+def errors_of(summary: dict) -> float:
+    return float(sum(summary["errors"].values()))
+
+
+async def s1_latency(up: Proc, gw: Proc, quick: bool) -> Runs:
+    streams = 50 if quick else 200
+    options = {"streams": streams, "tokens": 64, "concurrency": 1}
+    direct = await load(up, up.url, "openai", "fast", **options)
+    rows: Runs = {}
+    for transport in TRANSPORTS:
+        through = await load(gw, gw.url, transport, "fast", **options)
+        rows[f"S1 {transport}"] = {
+            "direct TTFT p50 ms": direct["ttft_p50_s"] * 1000,
+            "added TTFT p50 ms": (through["ttft_p50_s"] - direct["ttft_p50_s"]) * 1000,
+            "added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
+            "errors": errors_of(through),
+        }
+    return rows
+
+
+async def s2_throughput(up: Proc, gw: Proc, quick: bool) -> Runs:
+    options = {"concurrency": 64, "tokens": 256, "duration_s": 5 if quick else 30}
+    direct = await load(up, up.url, "openai", "fast", **options)
+    rows: Runs = {}
+    for transport in ("openai", "sse"):
+        through = await load(gw, gw.url, transport, "fast", **options)
+        rows[f"S2 {transport}"] = {
+            "direct tokens/s": direct["tokens_per_s"],
+            "tokens/s vs direct": through["tokens_per_s"] / direct["tokens_per_s"],
+            "gateway CPU ms per 1k tokens": through["cpu_s"] * 1e6 / max(1, through["tokens"]),
+            "errors": errors_of(through),
+        }
+    return rows
+
+
+async def s3_many_slow(up: Proc, gw: Proc, quick: bool) -> Runs:
+    options = {
+        "concurrency": 500,
+        "tokens": 100,
+        "duration_s": 8 if quick else 30,
+        "ramp_s": 1,
+    }
+    direct = await load(up, up.url, "openai", "paced-20", **options)
+    rows: Runs = {}
+    for transport in TRANSPORTS:
+        through = await load(gw, gw.url, transport, "paced-20", **options)
+        rows[f"S3 {transport}"] = {
+            "errors": errors_of(through) + errors_of(direct),
+            "added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
+            "ITL p99 vs direct": through["itl_p99_s"] / direct["itl_p99_s"],
+            "gateway RSS peak MB": through["rss_peak"] / 2**20,
+            "gateway CPU ms per 1k tokens": through["cpu_s"] * 1e6 / max(1, through["tokens"]),
+        }
+    return rows
+
+
+async def s4_disconnect(up: Proc, gw: Proc, quick: bool) -> Runs:
+    """The resumable transports keep a generation `streams.resume_grace_s` (10 s by
+    default) for the client to come back; the `grace 0` gateway shows the bare cost."""
+    options = {"streams": 50, "concurrency": 10, "tokens": 256, "drop_after": 5}
+    rows: Runs = {}
+    runs = [("direct", up, "openai"), ("gateway", gw, "openai")]
+    runs += [("gateway grace 0", gw.grace_zero, t) for t in ("sse", "chunked", "ws")]
+    if not quick:
+        runs.append(("gateway grace 10 s", gw, "sse"))
+    for target, server, transport in runs:
+        assert server is not None
+        tag = f"{target.replace(' ', '')}-{transport}-{time.monotonic_ns()}"
+        summary = await load(server, server.url, transport, "paced-20", tag=tag, **options)
+        drops = {drop["id"]: drop["at"] for drop in summary["drops"]}
+        await asyncio.sleep(0.5 if "10 s" not in target else 11)  # let the last closes land
+        stats = await upstream_stats(up.url, list(drops))
+        delays, extra = [], []
+        for request_id, dropped_at in drops.items():
+            record = stats.get(request_id)
+            if record is None or record["ended_at"] is None:
+                delays.append(float("inf"))
+                continue
+            delays.append((record["ended_at"] - dropped_at) * 1000)
+            extra.append(sum(t > dropped_at for t in record["token_times"]))
+        rows[f"S4 {target} {transport}"] = {
+            "upstream closed after drop p50 ms": statistics.median(delays),
+            "upstream closed after drop max ms": max(delays),
+            "tokens generated after drop max": float(max(extra, default=-1)),
+            "drops": float(len(drops)),
+        }
+    return rows
+
+
+async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
+    streams = 2_000 if quick else 10_000
+    options = {"concurrency": streams, "streams": streams, "tokens": 10, "ramp_s": 10}
+    rows: Runs = {}
+    direct = await load(up, up.url, "openai", "paced-1000", **options)
+    for transport in ("openai", "sse"):
+        through = await load(gw, gw.url, transport, "paced-1000", **options)
+        rows[f"S5 {transport}"] = {
+            "streams": float(streams),
+            "served": float(through["completed"]),
+            "errors": errors_of(through) + errors_of(direct),
+            "peak open": float(through["peak_open"]),
+            "gateway RSS peak MB": through["rss_peak"] / 2**20,
+            "RSS per stream KiB": (through["rss_peak"] - through["rss_before"])
+            / max(1, through["peak_open"])
+            / 1024,
+        }
+    return rows
+
+
+SCENARIOS: dict[str, Callable[[Proc, Proc, bool], Any]] = {
+    "S1": s1_latency,
+    "S2": s2_throughput,
+    "S3": s3_many_slow,
+    "S4": s4_disconnect,
+    "S5": s5_scale,
+}
+
+#: metric → (target, True if the value must be below it)
+TARGETS: dict[str, tuple[float, bool]] = {
+    "added TTFT p50 ms": (1.0, True),
+    "added TTFT p99 ms": (3.0, True),
+    "tokens/s vs direct": (0.5, False),
+    "gateway CPU ms per 1k tokens": (10.0, True),
+    "ITL p99 vs direct": (1.1, True),
+    "gateway RSS peak MB": (100.0, True),
+    "upstream closed after drop p50 ms": (5.0, True),
+    "upstream closed after drop max ms": (20.0, True),
+    "tokens generated after drop max": (1.0, True),
+    "errors": (0.0, True),
+}
+
+
+def verdict(row: str, metric: str, value: float) -> str:
+    if row.startswith("S3") and metric == "added TTFT p99 ms":
+        target, below = 10.0, True
+    elif row.startswith("S5") and metric == "gateway RSS peak MB":
+        target, below = 500.0, True
+    elif row.startswith(("S4 direct", "S4 gateway grace 10", "S3")) and metric not in (
+        "errors",
+        "ITL p99 vs direct",
+    ):
+        return ""  # S3's other figures have their own targets above; S4's baseline has none
+    elif metric not in TARGETS:
+        return ""
+    else:
+        target, below = TARGETS[metric]
+    ok = value <= target if below else value >= target
+    return f"{'ok' if ok else 'MISS'} ({'≤' if below else '≥'} {target:g})"
+
+
+def report(rounds: list[Runs]) -> str:
+    lines = ["| scenario | metric | median | target |", "|---|---|---:|---|"]
+    for row in rounds[0]:
+        for metric in rounds[0][row]:
+            values = [r[row][metric] for r in rounds if row in r]
+            value = statistics.median(values)
+            lines.append(f"| {row} | {metric} | {value:,.2f} | {verdict(row, metric, value)} |")
+    return "\n".join(lines)
+
+
+async def run_suite(args: argparse.Namespace) -> list[Runs]:
+    fds = raise_fd_limit()
+    chosen = [name.strip() for name in args.only.split(",")] if args.only else list(SCENARIOS)
+    upstream_port, gateway_port = free_port(), free_port()
+    up = Proc(
+        f"http://127.0.0.1:{upstream_port}",
+        await start(sys.executable, "-m", "bench.fast_upstream", "--port", str(upstream_port)),
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        gateways = []
+        for port, grace in ((gateway_port, 10), (free_port(), 0)):
+            config = Path(folder) / f"gateway-{port}.yaml"
+            config.write_text(yaml.safe_dump(gateway_config(port, up.url, grace)))
+            command = (sys.executable, "-m", "gateway", "serve", "--config", str(config))
+            gateways.append(Proc(f"http://127.0.0.1:{port}", await start(*command)))
+        gw, gw.grace_zero = gateways
+        try:
+            await wait_ready(up.url, up.process)
+            for gateway in gateways:
+                await wait_ready(gateway.url, gateway.process)
+            print(f"# fd limit {fds}; cpus {os.cpu_count()}; rounds {args.rounds}", flush=True)
+            # Warm-up: connections, code paths, allocator.
+            await load(gw, gw.url, "openai", "fast", streams=50, tokens=64, concurrency=5)
+            rounds: list[Runs] = []
+            for index in range(args.rounds):
+                runs: Runs = {}
+                for name in chosen:
+                    began = time.monotonic()
+                    runs.update(await SCENARIOS[name](up, gw, args.quick))
+                    print(
+                        f"# round {index + 1} {name}: {time.monotonic() - began:.0f} s", flush=True
+                    )
+                rounds.append(runs)
+        finally:
+            processes = [gateway.process for gateway in gateways] + [up.process]
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                await process.wait()
+    return rounds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="short runs, 1 round")
+    parser.add_argument("--only", help="comma-separated scenarios, e.g. S1,S4")
+    parser.add_argument("--json", help="write every round's figures here")
+    args = parser.parse_args(argv)
+    if args.quick and args.rounds == 3:
+        args.rounds = 1
+    rounds = asyncio.run(run_suite(args))
+    print(report(rounds))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(rounds, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
