@@ -38,6 +38,8 @@ from bench.sse_streams import free_port, wait_ready
 #: Gateway model name = the upstream's pacing (see bench/fast_upstream.py).
 MODELS = ("fast", "paced-20", "paced-1000")
 TRANSPORTS = ("openai", "sse", "chunked", "ws")
+#: `--transports` narrows S1 and S3 (while profiling one path).
+TRANSPORTS_CHOSEN = list(TRANSPORTS)
 
 
 @dataclass
@@ -156,7 +158,7 @@ async def s1_latency(up: Proc, gw: Proc, quick: bool) -> Runs:
     options = {"streams": streams, "tokens": 64, "concurrency": 1}
     direct = await load(up, up.url, "openai", "fast", **options)
     rows: Runs = {}
-    for transport in TRANSPORTS:
+    for transport in TRANSPORTS_CHOSEN:
         through = await load(gw, gw.url, transport, "fast", **options)
         rows[f"S1 {transport}"] = {
             "direct TTFT p50 ms": direct["ttft_p50_s"] * 1000,
@@ -191,7 +193,7 @@ async def s3_many_slow(up: Proc, gw: Proc, quick: bool) -> Runs:
     }
     direct = await load(up, up.url, "openai", "paced-20", **options)
     rows: Runs = {}
-    for transport in TRANSPORTS:
+    for transport in TRANSPORTS_CHOSEN:
         through = await load(gw, gw.url, transport, "paced-20", **options)
         rows[f"S3 {transport}"] = {
             "errors": errors_of(through) + errors_of(direct),
@@ -355,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs, 1 round")
     parser.add_argument("--only", help="comma-separated scenarios, e.g. S1,S4")
     parser.add_argument("--json", help="write every round's figures here")
+    parser.add_argument("--transports", help="S1 and S3 only on these, e.g. openai,sse")
     args = parser.parse_args(argv)
+    if args.transports:
+        TRANSPORTS_CHOSEN[:] = [t.strip() for t in args.transports.split(",")]
     if args.quick and args.rounds == 3:
         args.rounds = 1
     rounds = asyncio.run(run_suite(args))

@@ -1,12 +1,14 @@
 """Any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, llama.cpp, Azure OpenAI).
 
-The request goes through `openai.AsyncOpenAI` (auth, base URL, headers, one
-connection pool per upstream, on the SDK's aiohttp transport), but the
-stream is read raw: the SDK's typed
-chunk parsing costs ~150 µs a chunk against ~3 µs for `iter_lines` plus
-orjson (NOTES §5), and we only need the delta text, the finish reason and
-the usage. Retries happen one level up (`resilience.py`), before the first
-token only, so the SDK's own retries are off.
+The chat completion is requested with aiohttp directly and its stream read
+raw. The `openai` SDK did this job first; on its aiohttp transport it still
+cost ~30% of the gateway's CPU per paced token (request building with its
+typed transforms, then five async-iterator layers of httpx2 per chunk,
+py-spy under bench/suite.py S3), for what is one POST and a line splitter:
+the chunks are parsed with orjson and only the delta text, the finish reason
+and the usage are kept (NOTES §5). The SDK stays the reference client in the
+tests. Retries happen one level up (`resilience.py`), before the first token
+only.
 
 Cancellation: the generation task is cancelled; leaving the `async with`
 closes the HTTP response, which closes the upstream TCP connection.
@@ -21,8 +23,6 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
-import httpx2
-import openai
 import orjson
 
 from gateway.config import OpenAIModel
@@ -34,6 +34,8 @@ from gateway.schema import GenerationRequest
 RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 _KEY_LIKE = re.compile(r"\b(sk|key|Bearer)[-_ ][A-Za-z0-9*._-]{4,}", re.IGNORECASE)
 _CONNECT_TIMEOUT_S = 10.0
+_MAX_ERROR_BODY = 64 * 1024
+USER_AGENT = "ai-stream-gateway/0.1"
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -52,25 +54,40 @@ class OpenAIProvider:
         self._model = model
         self._key = model.api_key.get_secret_value() if model.api_key else None
         self._label = f"upstream {model.name!r} ({model.base_url})"
-        self._client = openai.AsyncOpenAI(
-            api_key=self._key or "none",
-            base_url=model.base_url,
-            default_headers=model.headers or None,
-            max_retries=0,
-            # The SDK's aiohttp transport: ~28% less CPU per paced token than
-            # httpx2's own (bench/openai_proxy.py), on the loop we already run.
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(
-                    max_connections=model.max_connections, max_keepalive_connections=100
-                )
-            ),
-            timeout=httpx2.Timeout(
-                model.timeout_s, connect=min(_CONNECT_TIMEOUT_S, model.timeout_s)
-            ),
-        )
+        self._url = model.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            # A compressed stream would be held back until a block fills.
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+            **({"Authorization": f"Bearer {self._key}"} if self._key else {}),
+            **model.headers,
+        }
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        """One pool per upstream, made in the running loop on first use."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._model.max_connections,
+                # A stream that ends hands its connection to the next one.
+                keepalive_timeout=30,
+                ttl_dns_cache=60,
+            )
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=min(_CONNECT_TIMEOUT_S, self._model.timeout_s),
+                sock_read=self._model.timeout_s,  # the longest silence between chunks
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, raise_for_status=False
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.close()
+        if self._session is not None:
+            await self._session.close()
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         extra: dict[str, Any] = dict(request.passthrough)
@@ -96,46 +113,50 @@ class OpenAIProvider:
         return {**extra, **body}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
-        body = self._body(request)
-        headers = {"X-Request-ID": request.request_id} if request.request_id else None
+        body = orjson.dumps(self._body(request))
+        headers = self._headers
+        if request.request_id:
+            headers = {**headers, "X-Request-ID": request.request_id}
         responded = False
         try:
-            # First token within timeout_s (the read timeout bounds each gap after it).
+            # First token within timeout_s (sock_read bounds each gap after it).
             async with asyncio.timeout(self._model.timeout_s) as first_token_deadline:
-                async with self._client.chat.completions.with_streaming_response.create(
-                    **body, extra_headers=headers
-                ) as response:
+                async with self._client().post(self._url, data=body, headers=headers) as response:
+                    if response.status != 200:
+                        raise await self._status_error(response)
                     responded = True
-                    async for item in self._read(response.iter_lines(), request):
+                    async for item in self._read(response.content, request):
                         if first_token_deadline.when() is not None:
                             first_token_deadline.reschedule(None)
                         yield item
+        except aiohttp.ServerTimeoutError:  # before TimeoutError: it is one
+            silent = f"{self._label} was silent for {self._model.timeout_s} s or did not connect"
+            raise UpstreamTimeout(silent) from None
         except TimeoutError:
             message = f"{self._label} sent no token within {self._model.timeout_s} s"
             raise UpstreamTimeout(message) from None
-        except openai.APIStatusError as exc:
-            raise self._status_error(exc) from None
-        except (openai.APIConnectionError, httpx2.HTTPError) as exc:
-            timed_out = isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException)
-            if timed_out and not _refused(exc):
-                raise UpstreamTimeout(f"{self._label} timed out") from None
+        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+            raise UpstreamError(
+                f"{self._label} connection failed: {_cause_name(exc)}", result="connect_error"
+            ) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamError(
                 f"{self._label} connection failed: {_cause_name(exc)}",
                 result="stream_error" if responded else "connect_error",
             ) from None
 
     async def _read(
-        self, lines: AsyncIterator[str], request: GenerationRequest
+        self, content: aiohttp.StreamReader, request: GenerationRequest
     ) -> AsyncIterator[str | Finish]:
         """Parse `data:` lines; yield text deltas, then one `Finish`."""
         finish_reason: str | None = None
         usage: Usage | None = None
         deltas = 0
-        async for line in lines:
-            if not line.startswith("data:"):
+        async for line in _lines(content):
+            if not line.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` lines
             payload = line[5:].strip()
-            if payload == "[DONE]":
+            if payload == b"[DONE]":
                 break
             chunk = self._parse(payload)
             usage = _usage(chunk.get("usage")) or usage
@@ -155,7 +176,7 @@ class OpenAIProvider:
         reason: FinishReason = "length" if finish_reason == "length" else "stop"
         yield Finish(reason, usage)
 
-    def _parse(self, payload: str) -> dict[str, Any]:
+    def _parse(self, payload: bytes) -> dict[str, Any]:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -168,12 +189,16 @@ class OpenAIProvider:
             raise UpstreamError(f"{self._label} failed mid-stream: {message}")
         return chunk
 
-    def _status_error(self, exc: openai.APIStatusError) -> UpstreamError:
-        status = exc.status_code
-        message = redact(_error_message(exc), self._key)
+    async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
+        status = response.status
+        try:
+            raw = await response.content.read(_MAX_ERROR_BODY)
+        except (aiohttp.ClientError, ConnectionError):
+            raw = b""
+        message = redact(_error_message(raw, response.reason), self._key)
         text = f"{self._label} answered {status}: {message}"
         if status in RETRYABLE_STATUSES:
-            retry_after = _retry_after(exc.response.headers.get("retry-after"))
+            retry_after = _retry_after(response.headers.get("Retry-After"))
             return UpstreamError(
                 text,
                 status=429 if status == 429 else 502,
@@ -191,6 +216,21 @@ class OpenAIProvider:
         )
 
 
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The stream's lines, from whatever chunks arrive (a fast upstream sends
+    dozens of events per read; one `readline()` each would cost a wake-up)."""
+    rest = b""
+    async for chunk in content.iter_any():
+        if rest:
+            chunk = rest + chunk
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line.rstrip(b"\r") if line.endswith(b"\r") else line
+    if rest:
+        yield rest
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     current: BaseException | None = exc
@@ -198,13 +238,6 @@ def _causes(exc: BaseException) -> list[BaseException]:
         chain.append(current)
         current = current.__cause__ or current.__context__
     return chain
-
-
-def _refused(exc: BaseException) -> bool:
-    """The SDK's aiohttp transport reports a refused connection as `ConnectTimeout`."""
-    return any(
-        isinstance(e, aiohttp.ClientConnectorError | ConnectionRefusedError) for e in _causes(exc)
-    )
 
 
 def _cause_name(exc: BaseException) -> str:
@@ -221,13 +254,19 @@ def _usage(data: Any) -> Usage | None:
     return None
 
 
-def _error_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
+def _error_message(raw: bytes, reason: str | None) -> str:
+    """OpenAI's `{"error": {"message": …}}`, a bare `{"message": …}`, or the reason phrase."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
     if isinstance(body, Mapping):
         inner = body.get("error", body)
         if isinstance(inner, Mapping) and inner.get("message"):
             return str(inner["message"])
-    return exc.response.reason_phrase or "error"
+        if isinstance(inner, str) and inner:
+            return inner
+    return reason or "error"
 
 
 def _retry_after(value: str | None) -> float | None:
