@@ -132,6 +132,30 @@ async def test_resume_after_reconnect_is_exact(start_gateway: StartGateway) -> N
             assert text_of(seen + rest) == text_of(reference)
 
 
+async def test_resume_at_or_past_the_end_gets_the_terminal_event(
+    start_gateway: StartGateway,
+) -> None:
+    """HTTP answers 204 when nothing follows; a socket must still hear an end for the id."""
+    server = await start_gateway()
+    url = server.make_url("/v1/stream/ws")
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url) as ws:
+            body = {"prompt": "hi", "max_tokens": 5, "seed": 5}
+            await ws.send_json({"type": "generate", "request_id": "g", **body})
+            events = (await collect(ws, {"g"}))["g"]
+            for after_seq in (events[-1]["seq"], events[-1]["seq"] + 10):
+                await ws.send_json(
+                    {
+                        "type": "resume",
+                        "request_id": f"r{after_seq}",
+                        "generation_id": events[0]["generation_id"],
+                        "after_seq": after_seq,
+                    }
+                )
+                (terminal,) = (await collect(ws, {f"r{after_seq}"}))[f"r{after_seq}"]
+                assert terminal["type"] == "done" and terminal["seq"] == events[-1]["seq"]
+
+
 @pytest.mark.parametrize(
     ("message", "fragment"),
     [

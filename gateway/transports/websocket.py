@@ -145,6 +145,11 @@ class WebSocketSession:
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < -1:
             raise InvalidRequest("after_seq: an integer >= -1 is required")
         generation = await find_generation(self._request, generation_id)
+        terminal_seq = generation.terminal_seq
+        if terminal_seq is not None and after_seq >= terminal_seq:
+            # Nothing is after it; HTTP answers 204. A socket has no status,
+            # so the terminal event is sent again: the request id gets its end.
+            after_seq = terminal_seq - 1
         tracker = track_stream(self._request, "websocket", generation, new=False, resumed=True)
         self._forward(request_id, generation, after_seq, tracker)
 
