@@ -35,6 +35,8 @@ RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 _KEY_LIKE = re.compile(r"\b(sk|key|Bearer)[-_ ][A-Za-z0-9*._-]{4,}", re.IGNORECASE)
 _CONNECT_TIMEOUT_S = 10.0
 _MAX_ERROR_BODY = 64 * 1024
+#: One SSE line (one chunk) at most; a 1 MiB delta is ~1 MiB plus its JSON.
+MAX_LINE_BYTES = 8 * 1024 * 1024
 USER_AGENT = "ai-stream-gateway/0.1"
 
 
@@ -152,7 +154,7 @@ class OpenAIProvider:
         finish_reason: str | None = None
         usage: Usage | None = None
         deltas = 0
-        async for line in _lines(content):
+        async for line in _lines(content, self._label):
             if not line.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` lines
             payload = line[5:].strip()
@@ -216,15 +218,21 @@ class OpenAIProvider:
         )
 
 
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _lines(content: aiohttp.StreamReader, label: str) -> AsyncIterator[bytes]:
     """The stream's lines, from whatever chunks arrive (a fast upstream sends
-    dozens of events per read; one `readline()` each would cost a wake-up)."""
+    dozens of events per read; one `readline()` each would cost a wake-up).
+
+    A line longer than `MAX_LINE_BYTES` fails the stream: an upstream that
+    never sends a newline must not grow our memory without end.
+    """
     rest = b""
     async for chunk in content.iter_any():
         if rest:
             chunk = rest + chunk
         lines = chunk.split(b"\n")
         rest = lines.pop()
+        if len(rest) > MAX_LINE_BYTES:
+            raise UpstreamError(f"{label} sent a line over {MAX_LINE_BYTES} bytes")
         for line in lines:
             yield line.rstrip(b"\r") if line.endswith(b"\r") else line
     if rest:
