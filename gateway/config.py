@@ -41,6 +41,13 @@ class ServerSettings(_Section):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     shutdown_grace_s: float = Field(default=20, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    #: Extension of the contract: a request body must arrive within this (408 after).
+    body_timeout_s: float = Field(default=10, gt=0)
+    #: Extension of the contract: a connection with no complete request head
+    #: for this long is closed, on arrival and between keep-alive requests (it
+    #: bounds slowloris headers). Keep it above your proxy's upstream keepalive
+    #: (nginx: keepalive_timeout 60s in deploy/nginx), so the proxy closes first.
+    idle_timeout_s: float = Field(default=75, gt=0)
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: Extension of the contract: a cap on concurrent streams per replica (0: none),

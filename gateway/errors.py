@@ -60,6 +60,12 @@ class BodyTooLarge(InvalidRequest):
     status = 413
 
 
+class BodyTimeout(InvalidRequest):
+    """A body that trickles in (slowloris) holds a handler; it gets a deadline."""
+
+    status = 408
+
+
 class ModelNotFound(GatewayError):
     status = 404
     code = "model_not_found"

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.auth import redact_tokens
 from gateway.config import LoggingSettings
@@ -47,6 +48,20 @@ class TextFormatter(logging.Formatter):
         return redact_tokens(" ".join([line, *extra]))
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (bad header, bad method, …) as an error
+    with a traceback: any client could fill the logs with them. It becomes one
+    info line with the parser's reason; the client got its 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "malformed request refused: %s", (exc.message,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def configure_logging(settings: LoggingSettings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.format == "json":
@@ -56,3 +71,6 @@ def configure_logging(settings: LoggingSettings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())

@@ -67,7 +67,11 @@ async def run(settings: Settings) -> None:
     """
     app = create_app(settings)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=FINAL_SHUTDOWN_S
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=FINAL_SHUTDOWN_S,
+        keepalive_timeout=settings.server.idle_timeout_s,
     )
     await runner.setup()
     signals = Signals()

@@ -8,12 +8,13 @@ from gateway.errors import InvalidRequest
 from gateway.keys import authenticator_key, principal
 from gateway.middleware import json_response
 from gateway.schema import parse_json_object
+from gateway.transports.common import read_body
 
 
 async def create_ticket(request: web.Request) -> web.Response:
     """Body (optional): `{"ttl_s": seconds}`, capped by `auth.ticket_ttl_s`."""
     ttl_s: float | None = None
-    raw = await request.read()
+    raw = await read_body(request)
     if raw.strip():
         body = parse_json_object(raw)
         unknown = set(body) - {"ttl_s"}

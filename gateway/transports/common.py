@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
 
 from gateway.errors import (
+    BodyTimeout,
     BodyTooLarge,
     GenerationNotFound,
     InvalidRequest,
@@ -34,14 +36,23 @@ from gateway.shared_log import RemoteGeneration
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within `server.body_timeout_s` and `server.max_body_bytes`."""
+    server = request.app[settings_key].server
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise BodyTimeout(f"body not received within {server.body_timeout_s} s") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"body exceeds the limit of {server.max_body_bytes} bytes") from None
+
+
 async def read_json_body(request: web.Request) -> dict[str, Any]:
     limit = request.app[settings_key].server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"body is {request.content_length} bytes; the limit is {limit}")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(f"body exceeds the limit of {limit} bytes") from None
+    raw = await read_body(request)
     if not raw.strip():
         raise InvalidRequest("body is empty: send a JSON object")
     return parse_json_object(raw)
