@@ -11,7 +11,12 @@ from gateway.events import Event
 from gateway.generation import Generation
 from gateway.keys import settings_key
 from gateway.observe import end_stream, track_stream
-from gateway.transports.common import STREAM_HEADERS, read_json_body, start_from_dict
+from gateway.transports.common import (
+    STREAM_HEADERS,
+    finish_response,
+    read_json_body,
+    start_from_dict,
+)
 from gateway.transports.sink import ClientGone, ClientSink
 
 WIRE_FORMAT = "ndjson"
@@ -50,7 +55,7 @@ async def serve_ndjson(
                     data = b"".join(e.encoded(WIRE_FORMAT, encode_ndjson) for e in batch)
                     await sink.write(data)
                     tracker.wrote(batch, len(data))
-            await response.write_eof()
+            await finish_response(response)
     except ClientGone:
         pass
     finally:

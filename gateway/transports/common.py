@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from aiohttp import web
@@ -34,6 +35,13 @@ from gateway.shared_log import RemoteGeneration
 
 #: Response headers for streams: no caching, and no buffering in nginx (NOTES §7).
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def finish_response(response: web.StreamResponse) -> None:
+    """End a chunked body. The terminal event is out already: a client that
+    hung up the moment it read it has the whole stream, so a reset is fine."""
+    with contextlib.suppress(ConnectionError):  # aiohttp's ClientConnectionResetError is one
+        await response.write_eof()
 
 
 async def read_body(request: web.Request) -> bytes:

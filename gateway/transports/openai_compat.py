@@ -23,7 +23,12 @@ from gateway.keys import settings_key
 from gateway.middleware import json_response
 from gateway.observe import end_stream, track_stream
 from gateway.schema import GenerationRequest, parse_generation_request
-from gateway.transports.common import STREAM_HEADERS, read_json_body, start_generation
+from gateway.transports.common import (
+    STREAM_HEADERS,
+    finish_response,
+    read_json_body,
+    start_generation,
+)
 from gateway.transports.sink import ClientGone, ClientSink
 
 WIRE_FORMAT = "openai"
@@ -204,7 +209,7 @@ async def _stream(
                         if next_batch is None:
                             break
                         batch = next_batch
-                await response.write_eof()
+                await finish_response(response)
             except ClientGone:
                 pass
     finally:

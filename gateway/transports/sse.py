@@ -21,6 +21,7 @@ from gateway.observe import end_stream, track_stream
 from gateway.transports.common import (
     already_delivered,
     find_generation,
+    finish_response,
     parse_event_id,
     read_json_body,
     start_from_dict,
@@ -98,7 +99,7 @@ async def serve_sse(
                     await sink.write(data)
                     tracker.wrote(batch, len(data))
                     retry = b""
-            await response.write_eof()
+            await finish_response(response)
     except (ClientGone, ConnectionError):
         pass
     finally:
