@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 
 from aiohttp import web
@@ -29,6 +30,15 @@ FINAL_SHUTDOWN_S = 1.0
 #: seconds under load, stalling every stream at once (p99 TTFT). The gateway
 #: makes few reference cycles, so collecting 100x less often costs little memory.
 GC_THRESHOLD = (70_000, 10, 10)
+
+
+def raise_open_files_limit() -> int:
+    """Each proxied stream holds two sockets (client and upstream); a soft
+    limit of 1,024, common by default, would cap a replica near 500 streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -78,7 +88,14 @@ async def run(settings: Settings) -> None:
     try:
         site = web.TCPSite(runner, settings.server.host, settings.server.port)
         await site.start()
-        log.info("serving", extra={"host": settings.server.host, "port": settings.server.port})
+        log.info(
+            "serving",
+            extra={
+                "host": settings.server.host,
+                "port": settings.server.port,
+                "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            },
+        )
         await signals.stop.wait()
         await drain(app, settings.server.shutdown_grace_s, signals.urgent)
     finally:
@@ -88,6 +105,7 @@ async def run(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     gc.set_threshold(*GC_THRESHOLD)
+    raise_open_files_limit()
     loop = new_event_loop()
     try:
         loop.run_until_complete(run(settings))

@@ -150,26 +150,47 @@ class OpenAIProvider:
     async def _read(
         self, content: aiohttp.StreamReader, request: GenerationRequest
     ) -> AsyncIterator[str | Finish]:
-        """Parse `data:` lines; yield text deltas, then one `Finish`."""
+        """Parse `data:` lines; yield text deltas, then one `Finish`.
+
+        Lines are split here from whatever each read returns (a fast upstream
+        sends dozens of events per read), with no generator layer in between:
+        this loop runs once per upstream chunk. A line over `MAX_LINE_BYTES`
+        fails the stream, so an upstream that never sends a newline cannot
+        grow our memory without end.
+        """
         finish_reason: str | None = None
         usage: Usage | None = None
         deltas = 0
-        async for line in _lines(content, self._label):
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, `event:` lines
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            chunk = self._parse(payload)
-            usage = _usage(chunk.get("usage")) or usage
-            for choice in chunk.get("choices") or ():
-                if choice.get("index", 0) != 0:
-                    continue
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    deltas += 1
-                    yield text
-                finish_reason = choice.get("finish_reason") or finish_reason
+        rest = b""
+        ended = False
+        while not ended:
+            data = await content.readany()
+            if not data:
+                if not rest:
+                    break
+                data = b"\n"  # the last line had no newline
+            lines = (rest + data).split(b"\n") if rest else data.split(b"\n")
+            rest = lines.pop()
+            if len(rest) > MAX_LINE_BYTES:
+                raise UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, `event:` lines
+                payload = line[5:].strip()  # also a `\r` of CRLF line ends
+                if payload == b"[DONE]":
+                    ended = True
+                    break
+                chunk = self._parse(payload)
+                if "usage" in chunk:
+                    usage = _usage(chunk["usage"]) or usage
+                for choice in chunk.get("choices") or ():
+                    if choice.get("index", 0) != 0:
+                        continue
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        deltas += 1
+                        yield text
+                    finish_reason = choice.get("finish_reason") or finish_reason
         if finish_reason is None:
             raise UpstreamError(f"{self._label} ended the stream without a finish reason")
         if usage is None:  # servers that ignore stream_options
@@ -216,27 +237,6 @@ class OpenAIProvider:
             fallback=status not in {400, 422},
             result=str(status),
         )
-
-
-async def _lines(content: aiohttp.StreamReader, label: str) -> AsyncIterator[bytes]:
-    """The stream's lines, from whatever chunks arrive (a fast upstream sends
-    dozens of events per read; one `readline()` each would cost a wake-up).
-
-    A line longer than `MAX_LINE_BYTES` fails the stream: an upstream that
-    never sends a newline must not grow our memory without end.
-    """
-    rest = b""
-    async for chunk in content.iter_any():
-        if rest:
-            chunk = rest + chunk
-        lines = chunk.split(b"\n")
-        rest = lines.pop()
-        if len(rest) > MAX_LINE_BYTES:
-            raise UpstreamError(f"{label} sent a line over {MAX_LINE_BYTES} bytes")
-        for line in lines:
-            yield line.rstrip(b"\r") if line.endswith(b"\r") else line
-    if rest:
-        yield rest
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
