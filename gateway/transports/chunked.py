@@ -14,7 +14,7 @@ from gateway.observe import end_stream, track_stream
 from gateway.transports.common import (
     STREAM_HEADERS,
     finish_response,
-    read_json_body,
+    read_generation_body,
     start_from_dict,
 )
 from gateway.transports.sink import ClientGone, ClientSink
@@ -65,5 +65,5 @@ async def serve_ndjson(
 
 async def stream_chunked(request: web.Request) -> web.StreamResponse:
     """POST /v1/stream/chunked"""
-    generation = await start_from_dict(request, await read_json_body(request))
+    generation = await start_from_dict(request, await read_generation_body(request))
     return await serve_ndjson(request, generation, after_seq=-1, new=True)

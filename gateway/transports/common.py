@@ -66,6 +66,15 @@ async def read_json_body(request: web.Request) -> dict[str, Any]:
     return parse_json_object(raw)
 
 
+async def read_generation_body(request: web.Request) -> dict[str, Any]:
+    """The body of a request that starts a generation, after the cheap refusals
+    (draining, `server.max_streams`): shedding load must cost as little as
+    possible, not a body read and a validation per refused request."""
+    ensure_accepting(request)
+    ensure_capacity(request)
+    return await read_json_body(request)
+
+
 def ensure_accepting(request: web.Request) -> None:
     if request.app[lifecycle_key].draining:
         raise ShuttingDown(

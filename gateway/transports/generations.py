@@ -14,7 +14,7 @@ from gateway.transports.common import (
     find_generation,
     parse_event_id,
     parse_seq,
-    read_json_body,
+    read_generation_body,
     start_from_dict,
 )
 from gateway.transports.sse import serve_sse
@@ -26,7 +26,7 @@ def events_url(generation_id: str) -> str:
 
 async def create_generation(request: web.Request) -> web.Response:
     """POST /v1/generations: 201 with the id; nobody is attached yet, so the grace clock runs."""
-    generation = await start_from_dict(request, await read_json_body(request))
+    generation = await start_from_dict(request, await read_generation_body(request))
     url = events_url(generation.id)
     return json_response(
         {"id": generation.id, "events_url": url}, status=201, headers={"Location": url}

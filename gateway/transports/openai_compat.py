@@ -26,7 +26,7 @@ from gateway.schema import GenerationRequest, parse_generation_request
 from gateway.transports.common import (
     STREAM_HEADERS,
     finish_response,
-    read_json_body,
+    read_generation_body,
     start_generation,
 )
 from gateway.transports.sink import ClientGone, ClientSink
@@ -267,7 +267,7 @@ async def _complete(request: web.Request, generation: Generation) -> web.Respons
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
-    chat, stream, include_usage = parse_chat_request(await read_json_body(request))
+    chat, stream, include_usage = parse_chat_request(await read_generation_body(request))
     generation = await start_generation(request, chat, resume_grace_s=0)
     if stream:
         return await _stream(request, generation, include_usage)

@@ -23,7 +23,7 @@ from gateway.transports.common import (
     find_generation,
     finish_response,
     parse_event_id,
-    read_json_body,
+    read_generation_body,
     start_from_dict,
 )
 from gateway.transports.sink import ClientGone, ClientSink
@@ -118,7 +118,7 @@ async def stream_sse(request: web.Request) -> web.StreamResponse:
             return web.Response(status=204)
         return await serve_sse(request, generation, seq, resumed=True)
     if request.method == "POST":
-        body = await read_json_body(request)
+        body = await read_generation_body(request)
     else:
         body = body_from_query(request.query)
     generation = await start_from_dict(request, body)
