@@ -272,10 +272,20 @@ async def test_websocket_frames_it_cannot_accept_close_the_socket(
 ) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{gateway.url}/v1/stream/ws") as ws:
-            await ws.send_frame(payload, kind)
+            try:
+                await ws.send_frame(payload, kind)
+            except ConnectionError:
+                # The server refused the frame from its header and closed
+                # while the client was still writing its megabyte.
+                assert close_code == 1009
             message = await ws.receive(timeout=5)
-            assert message.type == aiohttp.WSMsgType.CLOSE, message
-            assert message.data == close_code
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                assert message.data == close_code
+            else:  # the close frame was lost with the connection
+                assert close_code == 1009 and message.type in {
+                    aiohttp.WSMsgType.CLOSED,
+                    aiohttp.WSMsgType.ERROR,
+                }, message
 
 
 def client_frame(opcode: int, payload: bytes, fin: bool) -> bytes:
