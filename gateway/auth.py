@@ -66,7 +66,15 @@ class Principal:
 
 
 def redact_tokens(text: str) -> str:
-    """`…?access_token=abc` → `…?access_token=***`: for anything that reaches a log."""
+    """`…?access_token=abc` → `…?access_token=***`: for anything that reaches a log.
+
+    Every match ends with `n=` or `%6e=` (any case), so lines without either,
+    such as every JSON access line, skip the regex (it was 7% of the CPU of a
+    refused request).
+    """
+    low = text.lower()
+    if "n=" not in low and "%6e=" not in low:
+        return text
     return _TOKEN_IN_QUERY.sub(r"\1***", text)
 
 

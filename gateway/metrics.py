@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -145,6 +145,7 @@ class GatewayMetrics:
             ["route", "method", "status"],
             **kw,
         )
+        self._http_children: dict[tuple[str, str, int], Any] = {}
         self.streams_active = Gauge(
             "gateway_streams_active", "Streams being written to clients.", ["transport"], **kw
         )
@@ -288,5 +289,10 @@ class GatewayMetrics:
     def http_request(self, route: str, method: str, status: int) -> None:
         if not self.enabled:
             return
-        method = method if method in METHODS else "OTHER"
-        self.http_requests.labels(route, method, str(status)).inc()
+        key = (route, method if method in METHODS else "OTHER", status)
+        child = self._http_children.get(key)
+        if child is None:  # a bounded set: route patterns x methods x statuses
+            child = self._http_children[key] = self.http_requests.labels(
+                key[0], key[1], str(status)
+            )
+        child.inc()

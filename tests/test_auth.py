@@ -986,6 +986,9 @@ def test_key_matching_takes_the_same_time_whatever_the_key() -> None:
         ("a?access_token=one b?access_token=two", "a?access_token=*** b?access_token=***"),
         ("/x?access%5Ftoken=secret&y=1", "/x?access%5Ftoken=***&y=1"),
         ("/x?%61ccess_token=secret", "/x?%61ccess_token=***"),
+        # The last letter encoded: the pre-check looks for `%6e=` as well as `n=`.
+        ("/x?access_toke%6E=secret", "/x?access_toke%6E=***"),
+        ("/x?ACCESS_TOKE%6e=secret&y=1", "/x?ACCESS_TOKE%6e=***&y=1"),
         ("/v1/stream/sse?prompt=tokens", "/v1/stream/sse?prompt=tokens"),
     ],
 )
