@@ -19,17 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 
-from bench.sse_streams import free_port, wait_ready
+from bench.sse_streams import NO_LIMITS, free_port, gateway_process
 
 FIRST_TOKEN_S = 0.05
 BODY = orjson.dumps({"prompt": "overload", "max_tokens": 50})
@@ -98,40 +94,26 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    off = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for name, cap in (("capped", args.max_streams), ("uncapped", 0)):
-            port = free_port()
-            config = {
-                "server": {"port": port, "max_streams": cap},
-                "models": [
-                    {
-                        "name": "sim",
-                        "provider": "simulated",
-                        "first_token_ms": FIRST_TOKEN_S * 1000,
-                        "tokens_per_second": 100,
-                    }
-                ],
-                "rate_limit": {"default": off},
-                "logging": {"level": "warning"},
-            }
-            path = Path(folder) / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(config))
-            process = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "gateway", "serve", "--config", str(path)),
-                stdout=asyncio.subprocess.DEVNULL,
-            )
-            url = f"http://127.0.0.1:{port}"
-            try:
-                await wait_ready(url, process)
-                unloaded = await load(url, 10, 5)
-                loaded = await load(url, args.clients, args.seconds)
-            finally:
-                process.terminate()
-                await process.wait()
-            results[name] = {"max_streams": cap, "unloaded": unloaded, "overloaded": loaded}
-            print(f"# {name}: done", flush=True)
+    for name, cap in (("capped", args.max_streams), ("uncapped", 0)):
+        config = {
+            "server": {"port": free_port(), "max_streams": cap},
+            "models": [
+                {
+                    "name": "sim",
+                    "provider": "simulated",
+                    "first_token_ms": FIRST_TOKEN_S * 1000,
+                    "tokens_per_second": 100,
+                }
+            ],
+            "rate_limit": {"default": NO_LIMITS},
+            "logging": {"level": "warning"},
+        }
+        async with gateway_process(config) as (url, _):
+            unloaded = await load(url, 10, 5)
+            loaded = await load(url, args.clients, args.seconds)
+        results[name] = {"max_streams": cap, "unloaded": unloaded, "overloaded": loaded}
+        print(f"# {name}: done", flush=True)
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     print(
         "| gateway | unloaded TTFT added p50 / p99 | admitted under overload p50 / p99 | "

@@ -21,20 +21,16 @@ import asyncio
 import os
 import random
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import psutil
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.sse_streams import free_port, wait_ready
+from bench.sse_streams import NO_LIMITS, free_port, gateway_process
 from tests.sse_parser import SseParser
 
 SEEDS = 50
@@ -186,10 +182,8 @@ def slope_per_minute(samples: list[tuple[float, float]]) -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
-    port = free_port()
-    off = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
     config = {
-        "server": {"port": port},
+        "server": {"port": free_port()},
         "models": [
             {
                 "name": "sim-soak",
@@ -198,23 +192,11 @@ async def run(args: argparse.Namespace) -> int:
                 "tokens_per_second": 100,
             }
         ],
-        "rate_limit": {"default": off},
+        "rate_limit": {"default": NO_LIMITS},
         "logging": {"level": "warning"},
     }
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config))
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "gateway", "serve", "--config", str(path)),
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            await wait_ready(url, process)
-            return await soak(args, url, psutil.Process(process.pid))
-        finally:
-            process.terminate()
-            await process.wait()
+    async with gateway_process(config) as (url, process):
+        return await soak(args, url, psutil.Process(process.pid))
 
 
 async def soak(args: argparse.Namespace, url: str, gateway: psutil.Process) -> int:

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -63,6 +66,34 @@ async def wait_ready(base: str, process: asyncio.subprocess.Process) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{base} did not become ready")
+
+
+#: Rate limits off: a benchmark measures streaming, not refusals.
+NO_LIMITS = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    config: dict[str, Any],
+) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+    """`gateway serve` with `config` (it sets `server.port`), ready; stopped on exit."""
+    port = config["server"]["port"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "gateway.yaml"
+        path.write_text(yaml.safe_dump(config))
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway", "serve", "--config", str(path)),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_ready(url, process)
+            yield url, process
+        finally:
+            process.terminate()
+            await process.wait()
 
 
 def gateway_config(port: int, args: argparse.Namespace) -> dict[str, object]:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +31,8 @@ from typing import Any
 import aiohttp
 import orjson
 import psutil
-import yaml
 
-from bench.sse_streams import free_port, wait_ready
+from bench.sse_streams import NO_LIMITS, free_port, gateway_process, wait_ready
 
 #: Gateway model name = the upstream's pacing (see bench/fast_upstream.py).
 MODELS = ("fast", "paced-20", "paced-1000")
@@ -66,7 +65,6 @@ def raise_fd_limit(wanted: int = 65_536) -> int:
 
 def gateway_config(port: int, upstream: str, resume_grace_s: float = 10) -> dict[str, Any]:
     """Defaults, with limits lifted so that the suite measures streaming, not refusals."""
-    off = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
     models = [
         {
             "name": name,
@@ -84,7 +82,7 @@ def gateway_config(port: int, upstream: str, resume_grace_s: float = 10) -> dict
         "streams": {"resume_grace_s": resume_grace_s},
         "models": models,
         "auth": {"anonymous": True},
-        "rate_limit": {"default": off},
+        "rate_limit": {"default": NO_LIMITS},
         "logging": {"level": "warning"},
     }
 
@@ -312,23 +310,20 @@ def report(rounds: list[Runs]) -> str:
 async def run_suite(args: argparse.Namespace) -> list[Runs]:
     fds = raise_fd_limit()
     chosen = [name.strip() for name in args.only.split(",")] if args.only else list(SCENARIOS)
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port = free_port()
     up = Proc(
         f"http://127.0.0.1:{upstream_port}",
         await start(sys.executable, "-m", "bench.fast_upstream", "--port", str(upstream_port)),
     )
-    with tempfile.TemporaryDirectory() as folder:
-        gateways = []
-        for port, grace in ((gateway_port, 10), (free_port(), 0)):
-            config = Path(folder) / f"gateway-{port}.yaml"
-            config.write_text(yaml.safe_dump(gateway_config(port, up.url, grace)))
-            command = (sys.executable, "-m", "gateway", "serve", "--config", str(config))
-            gateways.append(Proc(f"http://127.0.0.1:{port}", await start(*command)))
-        gw, gw.grace_zero = gateways
-        try:
+    try:
+        async with contextlib.AsyncExitStack() as stack:
             await wait_ready(up.url, up.process)
-            for gateway in gateways:
-                await wait_ready(gateway.url, gateway.process)
+            gateways = []
+            for grace in (10, 0):
+                config = gateway_config(free_port(), up.url, grace)
+                url, process = await stack.enter_async_context(gateway_process(config))
+                gateways.append(Proc(url, process))
+            gw, gw.grace_zero = gateways
             print(f"# fd limit {fds}; cpus {os.cpu_count()}; rounds {args.rounds}", flush=True)
             # Warm-up: connections, code paths, allocator.
             await load(gw, gw.url, "openai", "fast", streams=50, tokens=64, concurrency=5)
@@ -342,16 +337,12 @@ async def run_suite(args: argparse.Namespace) -> list[Runs]:
                         continue
                     began = time.monotonic()
                     runs.update(await SCENARIOS[name](up, gw, args.quick))
-                    print(
-                        f"# round {index + 1} {name}: {time.monotonic() - began:.0f} s", flush=True
-                    )
+                    took = time.monotonic() - began
+                    print(f"# round {index + 1} {name}: {took:.0f} s", flush=True)
                 rounds.append(runs)
-        finally:
-            processes = [gateway.process for gateway in gateways] + [up.process]
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                await process.wait()
+    finally:
+        up.process.terminate()
+        await up.process.wait()
     return rounds
 
 

@@ -10,8 +10,6 @@ the metrics must count it.
 from __future__ import annotations
 
 import asyncio
-import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +19,10 @@ import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
-import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.gateway_process import NO_LIMITS, GatewayProcess, start_gateway_process
 from tests.helpers import read_ndjson, read_sse, text_of
 from tests.test_serve import free_port
 
@@ -120,21 +118,13 @@ FAULTS: dict[str, Expected] = {
 }
 
 
-@dataclass
-class Gateway:
-    url: str
-    process: asyncio.subprocess.Process
-    log: Path
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GatewayProcess]:
     upstream = web.AppRunner(web.Application(), handler_cancellation=True)
     upstream.app.router.add_post("/v1/chat/completions", ChaosUpstream().chat)
     await upstream.setup()
-    upstream_port, gateway_port, dead_port = free_port(), free_port(), free_port()
+    upstream_port, dead_port = free_port(), free_port()
     await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
-    off = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
     models = [
         {
             "name": fault,
@@ -148,36 +138,14 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gat
         for fault in FAULTS
     ]
     config = {
-        "server": {"port": gateway_port},
+        "server": {"port": free_port()},
         "models": models,
-        "rate_limit": {"default": off},
+        "rate_limit": {"default": NO_LIMITS},
         "streams": {"resume_grace_s": 0},
     }
-    folder = tmp_path_factory.mktemp("chaos")
-    (folder / "gateway.yaml").write_text(yaml.safe_dump(config))
-    log = folder / "gateway.log"
-    with log.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "gateway", "serve", "--config", str(folder / "gateway.yaml")),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    url = f"http://127.0.0.1:{gateway_port}"
-    async with aiohttp.ClientSession() as session, asyncio.timeout(15):
-        while True:
-            assert process.returncode is None, log.read_text()
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    yield Gateway(url, process, log)
-    process.send_signal(signal.SIGINT)
-    process.send_signal(signal.SIGINT)
-    async with asyncio.timeout(10):
-        await process.wait()
+    gateway = await start_gateway_process(config, tmp_path_factory.mktemp("chaos"))
+    yield gateway
+    await gateway.stop()
     await upstream.cleanup()
 
 
@@ -229,7 +197,7 @@ async def read_sse_raw(response: aiohttp.ClientResponse) -> tuple[list[str], Non
 @pytest.mark.parametrize("transport", ["chunked", "sse", "ws", "openai"])
 @pytest.mark.parametrize("fault", list(FAULTS))
 async def test_every_fault_ends_in_the_right_terminal_event(
-    gateway: Gateway, fault: str, transport: str
+    gateway: GatewayProcess, fault: str, transport: str
 ) -> None:
     expected = FAULTS[fault]
     async with aiohttp.ClientSession() as session, asyncio.timeout(15):
@@ -259,7 +227,7 @@ def metric(scrape: str, name: str, **labels: str) -> float:
     return total
 
 
-async def test_the_process_survived_and_counted_every_fault(gateway: Gateway) -> None:
+async def test_the_process_survived_and_counted_every_fault(gateway: GatewayProcess) -> None:
     """Runs after the parametrized cases (same module, same gateway)."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{gateway.url}/metrics") as response:
@@ -276,5 +244,5 @@ async def test_the_process_survived_and_counted_every_fault(gateway: Gateway) ->
     assert metric(scrape, "gateway_streams_total", outcome="completed") == 2 * transports
     for status in ("500", "503", "429", "connect_error", "timeout", "stream_error"):
         assert metric(scrape, "gateway_upstream_requests_total", status=status) >= transports
-    text = gateway.log.read_text()
+    text = gateway.log_text()
     assert "Traceback" not in text and "Unhandled" not in text, text[-3000:]

@@ -11,22 +11,19 @@ import base64
 import io
 import os
 import random
-import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.gateway_process import NO_LIMITS, GatewayProcess, start_gateway_process
 from tests.helpers import read_ndjson, text_of
 from tests.test_serve import free_port
 
@@ -36,27 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ERROR_CODES = {"invalid_request", "model_not_found", "rate_limited"}
 
 
-@dataclass
-class Gateway:
-    host: str
-    port: int
-    process: asyncio.subprocess.Process
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
-    port = free_port()
-    off = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
+async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GatewayProcess]:
     config = {
-        "server": {"port": port, "idle_timeout_s": 1, "body_timeout_s": 1},
+        "server": {"port": free_port(), "idle_timeout_s": 1, "body_timeout_s": 1},
         "models": [
             {"name": "sim-1", "provider": "simulated", "first_token_ms": 20},
             {
@@ -66,35 +46,13 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gat
                 "tokens_per_second": 200,
             },
         ],
-        "rate_limit": {"default": off},
+        "rate_limit": {"default": NO_LIMITS},
         "logging": {"level": "warning"},
     }
-    folder = tmp_path_factory.mktemp("hostile")
-    (folder / "gateway.yaml").write_text(yaml.safe_dump(config))
-    log = folder / "gateway.log"
-    with log.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "gateway", "serve", "--config", str(folder / "gateway.yaml")),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    gateway = Gateway("127.0.0.1", port, process, log)
-    async with aiohttp.ClientSession() as session, asyncio.timeout(15):
-        while True:
-            assert process.returncode is None, log.read_text()
-            try:
-                async with session.get(f"{gateway.url}/healthz") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
+    gateway = await start_gateway_process(config, tmp_path_factory.mktemp("hostile"))
     yield gateway
-    process.send_signal(signal.SIGINT)
-    process.send_signal(signal.SIGINT)
-    async with asyncio.timeout(10):
-        await process.wait()
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    await gateway.stop()
+    assert "Traceback" not in gateway.log_text(), gateway.log_text()[-3000:]
 
 
 async def closed_within(reader: asyncio.StreamReader, timeout_s: float) -> float:
@@ -112,14 +70,14 @@ async def closed_within(reader: asyncio.StreamReader, timeout_s: float) -> float
 # -- slow clients ----------------------------------------------------------------
 
 
-async def test_a_connection_that_sends_nothing_is_closed(gateway: Gateway) -> None:
+async def test_a_connection_that_sends_nothing_is_closed(gateway: GatewayProcess) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     took = await closed_within(reader, 5)
     writer.close()
     assert 0.8 < took < 3
 
 
-async def test_slowloris_headers_are_cut_at_the_idle_timeout(gateway: Gateway) -> None:
+async def test_slowloris_headers_are_cut_at_the_idle_timeout(gateway: GatewayProcess) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     started = time.monotonic()
@@ -140,7 +98,7 @@ async def test_slowloris_headers_are_cut_at_the_idle_timeout(gateway: Gateway) -
     assert time.monotonic() - started < 3
 
 
-async def test_a_body_that_trickles_gets_408(gateway: Gateway) -> None:
+async def test_a_body_that_trickles_gets_408(gateway: GatewayProcess) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     writer.write(
         b"POST /v1/stream/chunked HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -162,7 +120,7 @@ REQUEST = (
 )
 
 
-async def drop_at_random(gateway: Gateway, rng: random.Random) -> None:
+async def drop_at_random(gateway: GatewayProcess, rng: random.Random) -> None:
     """Send a random prefix of a valid request (sometimes all of it and read a bit), then go."""
     try:
         reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
@@ -183,7 +141,7 @@ async def drop_at_random(gateway: Gateway, rng: random.Random) -> None:
         writer.close()
 
 
-async def healthy_stream(session: aiohttp.ClientSession, gateway: Gateway, seed: int) -> str:
+async def healthy_stream(session: aiohttp.ClientSession, gateway: GatewayProcess, seed: int) -> str:
     body = {"model": "sim-1", "prompt": "healthy", "max_tokens": 40, "seed": seed}
     async with session.post(f"{gateway.url}/v1/stream/chunked", json=body) as response:
         events = await read_ndjson(response)
@@ -201,7 +159,7 @@ def scrape_value(scrape: str, name: str, **labels: str) -> float:
 
 
 async def test_ten_thousand_dropped_connections_leave_healthy_streams_exact(
-    gateway: Gateway,
+    gateway: GatewayProcess,
 ) -> None:
     # force_close: with a 1 s idle timeout, a pooled keep-alive connection
     # could be closed by the server just as it is reused.
@@ -236,7 +194,7 @@ async def test_ten_thousand_dropped_connections_leave_healthy_streams_exact(
 # -- WebSocket abuse ---------------------------------------------------------------
 
 
-async def test_websocket_floods_of_junk_and_pings_leave_it_working(gateway: Gateway) -> None:
+async def test_websocket_floods_of_junk_and_pings_leave_it_working(gateway: GatewayProcess) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{gateway.url}/v1/stream/ws", autoping=True) as ws:
             for index in range(3000):
@@ -268,7 +226,7 @@ async def test_websocket_floods_of_junk_and_pings_leave_it_working(gateway: Gate
     ids=["oversized", "invalid-utf8"],
 )
 async def test_websocket_frames_it_cannot_accept_close_the_socket(
-    gateway: Gateway, payload: bytes, kind: aiohttp.WSMsgType, close_code: int
+    gateway: GatewayProcess, payload: bytes, kind: aiohttp.WSMsgType, close_code: int
 ) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{gateway.url}/v1/stream/ws") as ws:
@@ -300,7 +258,7 @@ def client_frame(opcode: int, payload: bytes, fin: bool) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def test_a_fragmented_message_is_reassembled(gateway: Gateway) -> None:
+async def test_a_fragmented_message_is_reassembled(gateway: GatewayProcess) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     key = base64.b64encode(os.urandom(16))
     writer.write(
@@ -372,7 +330,7 @@ async def test_a_fragmented_message_is_reassembled(gateway: Gateway) -> None:
     ],
 )
 async def test_junk_bodies_get_the_contract_error(
-    gateway: Gateway, body: bytes, status: int
+    gateway: GatewayProcess, body: bytes, status: int
 ) -> None:
     async with aiohttp.ClientSession() as session:
         for route in ("/v1/stream/chunked", "/v1/stream/sse", "/v1/chat/completions"):
@@ -390,7 +348,7 @@ async def test_junk_bodies_get_the_contract_error(
     "request_id",
     ["<script>alert(1)</script>", "a" * 129, "id with spaces", "naïve", "a;b=c", ""],
 )
-async def test_unsafe_request_ids_are_replaced(gateway: Gateway, request_id: str) -> None:
+async def test_unsafe_request_ids_are_replaced(gateway: GatewayProcess, request_id: str) -> None:
     async with aiohttp.ClientSession() as session:
         headers = {"X-Request-ID": request_id}
         async with session.get(f"{gateway.url}/healthz", headers=headers) as response:
@@ -399,7 +357,7 @@ async def test_unsafe_request_ids_are_replaced(gateway: Gateway, request_id: str
     assert 0 < len(echoed) <= 128 and echoed.replace("-", "").isalnum()
 
 
-async def test_a_bare_cr_in_a_header_is_refused(gateway: Gateway) -> None:
+async def test_a_bare_cr_in_a_header_is_refused(gateway: GatewayProcess) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\rSet-Cookie: x=1\r\n\r\n")
     await writer.drain()
@@ -410,7 +368,7 @@ async def test_a_bare_cr_in_a_header_is_refused(gateway: Gateway) -> None:
     assert head.split(b" ", 2)[1] == b"400" and b"Set-Cookie" not in head
     # One info line, not an error with a traceback any client could repeat.
     await asyncio.sleep(0.2)
-    lines = [line for line in gateway.log.read_text().splitlines() if "Missing expected LF" in line]
+    lines = [line for line in gateway.log_text().splitlines() if "Missing expected LF" in line]
     assert lines and all('"level":"info"' in line for line in lines), lines
 
 
@@ -426,7 +384,7 @@ async def test_a_bare_cr_in_a_header_is_refused(gateway: Gateway) -> None:
         "/static/%00",
     ],
 )
-async def test_static_files_do_not_leave_their_folder(gateway: Gateway, path: str) -> None:
+async def test_static_files_do_not_leave_their_folder(gateway: GatewayProcess, path: str) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()

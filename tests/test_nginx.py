@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 import socket
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
-import yaml
 
 from tests.conftest import require_binary
+from tests.gateway_process import NO_LIMITS, start_gateway_process
+from tests.gateway_process import GatewayProcess as Gateway
 from tests.helpers import assert_well_formed, read_ndjson, read_sse, text_of
 from tests.test_serve import free_port
 
@@ -42,70 +39,24 @@ MODELS = [
 ]
 
 
-@dataclass
-class Gateway:
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def access_lines(self) -> list[dict[str, Any]]:
-        lines = [orjson.loads(line) for line in self.log.read_bytes().splitlines() if line]
-        return [line for line in lines if line.get("logger") == "gateway.access"]
-
-
-async def wait_healthy(url: str, process: asyncio.subprocess.Process) -> None:
-    async with aiohttp.ClientSession() as session, asyncio.timeout(15):
-        while True:
-            assert process.returncode is None, f"{url} exited with {process.returncode}"
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 async def start_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """`gateway serve` processes with the test models; nginx at 127.0.0.1 is trusted."""
-    processes: list[asyncio.subprocess.Process] = []
+    started: list[Gateway] = []
 
     async def start(heartbeat_s: float = 15) -> Gateway:
-        port = free_port()
         config = {
-            "server": {"port": port, "trusted_proxies": ["127.0.0.1/32"]},
+            "server": {"port": free_port(), "trusted_proxies": ["127.0.0.1/32"]},
             "streams": {"heartbeat_s": heartbeat_s},
             "models": MODELS,
-            "rate_limit": {
-                "default": {"requests_per_minute": 10_000, "concurrent_streams": 100},
-            },
+            "rate_limit": {"default": NO_LIMITS},
         }
-        config_path = tmp_path / f"gateway-{port}.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        log = tmp_path / f"gateway-{port}.log"
-        with log.open("wb") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                *(sys.executable, "-m", "gateway", "serve", "--config", str(config_path)),
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-        processes.append(process)
-        gateway = Gateway(port, log)
-        await wait_healthy(gateway.url, process)
-        return gateway
+        started.append(await start_gateway_process(config, tmp_path))
+        return started[-1]
 
     yield start
-    for process in processes:
-        process.send_signal(signal.SIGINT)
-        process.send_signal(signal.SIGINT)  # the second signal skips the drain
-    async with asyncio.timeout(10):
-        for process in processes:
-            await process.wait()
+    for gateway in started:
+        await gateway.stop()
 
 
 def rewrite(conf: str, pattern: str, replacement: str) -> str:

@@ -1,0 +1,77 @@
+"""`gateway serve` as a real process from a config dict, for tests that need one.
+
+Its stderr (the JSON logs) goes to a file, never a pipe: a pipe nobody reads
+fills up and blocks the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Rate limits off: tests that are not about them must never be refused.
+NO_LIMITS = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
+
+
+@dataclass
+class GatewayProcess:
+    port: int
+    process: asyncio.subprocess.Process
+    log: Path
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        lines = [orjson.loads(line) for line in self.log.read_bytes().splitlines() if line]
+        return [line for line in lines if line.get("logger") == "gateway.access"]
+
+    def open_fds(self) -> int:
+        return len(list(Path(f"/proc/{self.process.pid}/fd").iterdir()))
+
+    async def stop(self) -> None:
+        """Two signals: the second skips the drain."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            await self.process.wait()
+
+
+async def start_gateway_process(config: dict[str, Any], folder: Path) -> GatewayProcess:
+    """Write `config` (it must set `server.port`) to `folder`, start, wait for /healthz."""
+    port = config["server"]["port"]
+    path = folder / f"gateway-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = folder / f"gateway-{port}.log"
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "gateway", "serve", "--config", str(path)),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    gateway = GatewayProcess(port, process, log)
+    async with aiohttp.ClientSession() as session, asyncio.timeout(15):
+        while True:
+            assert process.returncode is None, log.read_text()
+            try:
+                async with session.get(f"{gateway.url}/healthz") as response:
+                    if response.status == 200:
+                        return gateway
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
