@@ -59,13 +59,19 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+#: What an event costs in memory beyond its JSON body (the object and the
+#: bytes header; tracemalloc), so that `streams.retention_max_bytes` bounds
+#: real memory rather than wire bytes.
+EVENT_OVERHEAD_BYTES = 170
+
+
 class Event:
     """One entry of a generation's log.
 
     Kept lean, because finished logs are retained for late resumes: a token
     event holds only its JSON body (its text is read back from it when
     asked), and caches one wire encoding, dropped when the log is finished.
-    About 160 bytes plus the JSON (tracemalloc), against 700 with a fields
+    About 170 bytes plus the JSON (tracemalloc), against 700 with a fields
     dict and a cache dict per event.
     """
 
@@ -111,6 +117,13 @@ class Event:
         data = orjson.loads(self.json)
         del data["type"], data["seq"]
         return data
+
+    @property
+    def text(self) -> str:
+        """A token's text, without building its fields dict."""
+        if self._fields is not None:
+            return self._fields["text"]
+        return orjson.loads(self.text_json)
 
     @property
     def text_json(self) -> bytes:

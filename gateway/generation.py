@@ -17,7 +17,7 @@ from contextlib import aclosing
 from typing import Any, Literal
 
 from gateway.errors import GatewayError, InternalError, UpstreamError
-from gateway.events import Event, EventType
+from gateway.events import EVENT_OVERHEAD_BYTES, Event, EventType
 from gateway.providers.base import Finish, Provider, Usage
 from gateway.schema import GenerationRequest
 
@@ -30,12 +30,6 @@ StopCause = Literal["client_disconnected", "cancelled", "shutdown"]
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
     """About four characters a token, at least one per message."""
     return sum(max(1, math.ceil(len(m.content) / 4)) for m in request.chat)
-
-
-#: What an event costs in memory beyond its JSON body (the object and the
-#: bytes header; tracemalloc), so that `streams.retention_max_bytes` bounds
-#: real memory rather than wire bytes.
-EVENT_OVERHEAD_BYTES = 170
 
 
 class Generation:

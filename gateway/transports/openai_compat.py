@@ -239,7 +239,7 @@ async def _complete(request: web.Request, generation: Generation) -> web.Respons
         if terminal.type == "error":
             tracker.saw(terminal)
             _raise_failure(generation)
-        text = "".join(e.fields["text"] for e in generation.events if e.type == "token")
+        text = "".join(e.text for e in generation.events if e.type == "token")
         response = json_response(
             {
                 "id": "chatcmpl-" + generation.id.removeprefix("gen_"),
