@@ -47,6 +47,8 @@ class Proc:
     process: asyncio.subprocess.Process
     #: The same gateway config with `streams.resume_grace_s: 0` (S4).
     grace_zero: Proc | None = None
+    #: On the upstream: `bench.relay` in front of it, the floor of any proxy (S2, S3).
+    relay: Proc | None = None
 
     @property
     def ps(self) -> psutil.Process:
@@ -171,6 +173,13 @@ async def s2_throughput(up: Proc, gw: Proc, quick: bool) -> Runs:
     options = {"concurrency": 64, "tokens": 256, "duration_s": 5 if quick else 30}
     direct = await load(up, up.url, "openai", "fast", **options)
     rows: Runs = {}
+    assert up.relay is not None
+    relay = await load(up.relay, up.relay.url, "openai", "fast", **options)
+    rows["S2 relay floor"] = {
+        "direct tokens/s": direct["tokens_per_s"],
+        "tokens/s vs direct": relay["tokens_per_s"] / direct["tokens_per_s"],
+        "relay CPU ms per 1k tokens": relay["cpu_s"] * 1e6 / max(1, relay["tokens"]),
+    }
     for transport in ("openai", "sse"):
         through = await load(gw, gw.url, transport, "fast", **options)
         rows[f"S2 {transport}"] = {
@@ -190,7 +199,16 @@ async def s3_many_slow(up: Proc, gw: Proc, quick: bool) -> Runs:
         "ramp_s": 1,
     }
     direct = await load(up, up.url, "openai", "paced-20", **options)
-    rows: Runs = {}
+    assert up.relay is not None
+    relay = await load(up.relay, up.relay.url, "openai", "paced-20", **options)
+    rows: Runs = {
+        "S3 relay floor": {
+            "errors": errors_of(relay) + errors_of(direct),
+            "added TTFT p99 ms": (relay["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
+            "ITL p99 vs direct": relay["itl_p99_s"] / direct["itl_p99_s"],
+            "relay CPU ms per 1k tokens": relay["cpu_s"] * 1e6 / max(1, relay["tokens"]),
+        }
+    }
     for transport in TRANSPORTS_CHOSEN:
         through = await load(gw, gw.url, transport, "paced-20", **options)
         rows[f"S3 {transport}"] = {
@@ -318,6 +336,14 @@ async def run_suite(args: argparse.Namespace) -> list[Runs]:
     try:
         async with contextlib.AsyncExitStack() as stack:
             await wait_ready(up.url, up.process)
+            relay_port = free_port()
+            relay_command = ["-m", "bench.relay", "--port", str(relay_port)]
+            relay_command += ["--upstream-port", str(upstream_port)]
+            up.relay = Proc(
+                f"http://127.0.0.1:{relay_port}", await start(sys.executable, *relay_command)
+            )
+            stack.callback(up.relay.process.terminate)
+            await wait_ready(up.relay.url, up.relay.process)
             gateways = []
             for grace in (10, 0):
                 config = gateway_config(free_port(), up.url, grace)

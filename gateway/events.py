@@ -98,6 +98,22 @@ class Event:
         self._encoded: bytes | None = None
 
     @classmethod
+    def token(cls, generation_id: str, seq: int, text: str) -> Event:
+        """A token event, built without a fields dict (the per-token path)."""
+        try:
+            json = _token_json(seq, text)
+        except UnicodeEncodeError:
+            return cls(generation_id, "token", seq, {"text": text})
+        event = cls.__new__(cls)
+        event.generation_id = generation_id
+        event.type = "token"
+        event.seq = seq
+        event.json = json
+        event._fields = None
+        event._wire = event._encoded = None
+        return event
+
+    @classmethod
     def decoded(cls, generation_id: str, raw: bytes) -> Event:
         """An event read back from a shared log: its JSON body is kept as is."""
         data = orjson.loads(raw)

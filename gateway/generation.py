@@ -1,7 +1,9 @@
 """A generation: one upstream call in its own task, and its in-order event log.
 
 Transports never talk to the provider. They `subscribe()` from a seq and
-follow the log; when the last subscriber of an unfinished generation leaves,
+follow the log, either by awaiting `next_batch()` or, once caught up, by
+letting the generation push new tokens to them synchronously (`push_tokens`),
+which saves a task switch per token. When the last subscriber of an unfinished generation leaves,
 a grace timer starts and, unless somebody re-attaches, cancels the task,
 which closes the upstream request (the provider's `finally` runs).
 """
@@ -12,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, Literal
 
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: Why a generation was stopped early; `None` while it runs on its own.
 StopCause = Literal["client_disconnected", "cancelled", "shutdown"]
+#: Delivers token events synchronously to a caught-up reader; False: not now.
+Push = Callable[[list[Event]], bool]
 
 
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
@@ -62,8 +66,8 @@ class Generation:
         self._grace_timer: asyncio.TimerHandle | None = None
         self._on_finished = on_finished
         self._final_usage: Usage | None = None
-        #: One future per waiting subscriber, resolved by the next append.
-        self._waiters: list[asyncio.Future[None]] = []
+        #: Subscriptions parked in `next_batch`, woken (or pushed to) by the next append.
+        self._waiting: list[Subscription] = []
         self._task: asyncio.Task[None] | None = None
         self._shutdown_error: GatewayError | None = None
         #: Set by a shared log (`streams.backend: redis`) to mirror each event.
@@ -119,11 +123,14 @@ class Generation:
             # response) runs now, not when the generator is collected.
             async with aclosing(self.provider.stream(self.request)) as items:
                 async for item in items:
-                    if isinstance(item, Finish):
+                    if item.__class__ is str:
+                        if item:
+                            self._append_tokens((item,))
+                    elif isinstance(item, Finish):
                         finish = item
                         break
-                    if item:
-                        self._append("token", {"text": item})
+                    else:
+                        self._append_tokens(item)  # type: ignore[arg-type]
             if finish is None:
                 raise UpstreamError("upstream ended the stream without a finish reason")
             self._final_usage = finish.usage
@@ -171,14 +178,52 @@ class Generation:
         event = Event(self.id, type, len(self.events), fields)
         self.events.append(event)
         self.size_bytes += len(event.json) + EVENT_OVERHEAD_BYTES
-        # Wake every waiting subscriber. Bare futures, not an asyncio.Event
-        # per append: this runs once per token and the Event cost ~8% of CPU.
         if self.on_append is not None:
             self.on_append(self, event)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():  # a cancelled reader leaves a done future
+        self._wake([event])
+
+    def _append_tokens(self, texts: Sequence[str]) -> None:
+        """Token events for the deltas of one upstream read, with one wake-up for all."""
+        events = self.events
+        seq = len(events)
+        added = [Event.token(self.id, seq + i, text) for i, text in enumerate(texts)]
+        events.extend(added)
+        self.size_bytes += sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
+        if self.on_append is not None:
+            for event in added:
+                self.on_append(self, event)
+        self._wake(added)
+
+    def _wake(self, added: list[Event]) -> None:
+        """Push tokens to caught-up pushing readers; wake every other waiting one.
+
+        Bare futures, not an asyncio.Event per append: this runs once per
+        token and the Event cost ~8% of CPU. A reader's push may refuse (its
+        client is not draining): then it is woken and writes with an await.
+        """
+        waiting = self._waiting
+        if not waiting:
+            return
+        self._waiting = still = []
+        pushable = added[-1].type == "token"
+        for subscription in waiting:
+            waiter = subscription._waiter
+            if waiter is None or waiter.done():  # its reader was cancelled
+                continue
+            if pushable and subscription._push is not None and self._pushed(subscription, added):
+                subscription._next = added[-1].seq + 1
+                still.append(subscription)
+            else:
                 waiter.set_result(None)
+
+    def _pushed(self, subscription: Subscription, added: list[Event]) -> bool:
+        """One reader's push; a failing one must not fail the generation for all."""
+        try:
+            return subscription._push(added)  # type: ignore[misc]
+        except Exception:
+            log.exception("pushing tokens failed", extra={"generation_id": self.id})
+            subscription._push = None
+            return False
 
     def subscribe(self, after_seq: int = -1) -> Subscription:
         """Follow the log from the event after `after_seq` (-1: from `start`)."""
@@ -237,12 +282,14 @@ class Subscription:
     `next_batch` is safe to cancel: the position only moves when it returns.
     """
 
-    __slots__ = ("_generation", "_next", "_open")
+    __slots__ = ("_generation", "_next", "_open", "_push", "_waiter")
 
     def __init__(self, generation: Generation, after_seq: int) -> None:
         self._generation = generation
         self._next = max(after_seq + 1, 0)
         self._open = False
+        self._push: Push | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     def __enter__(self) -> Subscription:
         if not self._open:
@@ -254,9 +301,21 @@ class Subscription:
         self.close()
 
     def close(self) -> None:
+        self._push = None
         if self._open:
             self._open = False
             self._generation._detach()
+
+    def push_tokens(self, push: Push | None) -> None:
+        """While parked in `next_batch`, get new token events through `push`.
+
+        `push(events)` runs inside the generation's task, right where the
+        events are appended, and returns False to have them delivered the
+        usual way (by waking `next_batch`) instead. Terminal events always
+        wake `next_batch`. Only set it once output has started, so that the
+        response headers have gone out before any pushed bytes.
+        """
+        self._push = push
 
     async def next_batch(self) -> list[Event] | None:
         """All events not yet returned, waiting for at least one; None after the terminal one."""
@@ -270,5 +329,9 @@ class Subscription:
             if generation.finished:
                 return None
             waiter = asyncio.get_running_loop().create_future()
-            generation._waiters.append(waiter)
-            await waiter
+            self._waiter = waiter
+            generation._waiting.append(self)
+            try:
+                await waiter
+            finally:
+                self._waiter = None

@@ -419,6 +419,9 @@ class RemoteSubscription:
         except (RedisError, OSError) as exc:
             self._log._failed("unwatch", exc)
 
+    def push_tokens(self, push: object) -> None:
+        """Ignored: a shared log is read in batches from Redis, never pushed from a task here."""
+
     async def next_batch(self) -> list[Event] | None:
         """The next events, or None after the terminal one."""
         if self._done:

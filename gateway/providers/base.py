@@ -1,9 +1,13 @@
 """The seam between the generation core and an upstream model.
 
 A provider turns a request into an async iterator of text deltas followed by
-exactly one `Finish`. It never sees clients or transports: the generation
-core owns its task and closes it by cancellation, so a provider must release
-its upstream connection in `finally` (or an `async with`).
+exactly one `Finish`. Deltas that arrived together may come as one list of
+non-empty strings: the generation logs them with one wake-up of its readers,
+which a fast upstream (dozens of chunks per read) needs.
+
+It never sees clients or transports: the generation core owns its task and
+closes it by cancellation, so a provider must release its upstream connection
+in `finally` (or an `async with`).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ class Provider(Protocol):
     #: The fixed `provider` metric label (`simulated`, `openai`).
     kind: str
 
-    def stream(self, request: GenerationRequest) -> AsyncGenerator[str | Finish, None]:
-        """Yield text deltas, then one `Finish`."""
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[str | list[str] | Finish, None]:
+        """Yield text deltas (one, or a list of those that arrived together), then one `Finish`."""
         ...
 
     async def aclose(self) -> None:

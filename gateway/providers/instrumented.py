@@ -35,7 +35,7 @@ class InstrumentedProvider:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
         children = self._children
         started = time.monotonic()
         waiting_for_first = True
@@ -43,7 +43,7 @@ class InstrumentedProvider:
         try:
             async with aclosing(self._inner.stream(request)) as items:
                 async for item in items:
-                    if waiting_for_first and item.__class__ is str:
+                    if waiting_for_first and item.__class__ is not Finish:
                         waiting_for_first = False
                         children.ttft.observe(time.monotonic() - started)
                     elif item.__class__ is Finish:

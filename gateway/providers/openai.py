@@ -114,7 +114,7 @@ class OpenAIProvider:
             extra.pop(name, None)
         return {**extra, **body}
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
         body = orjson.dumps(self._body(request))
         headers = self._headers
         if request.request_id:
@@ -149,8 +149,8 @@ class OpenAIProvider:
 
     async def _read(
         self, content: aiohttp.StreamReader, request: GenerationRequest
-    ) -> AsyncIterator[str | Finish]:
-        """Parse `data:` lines; yield text deltas, then one `Finish`.
+    ) -> AsyncIterator[str | list[str] | Finish]:
+        """Parse `data:` lines; yield the text deltas of each read, then one `Finish`.
 
         Lines are split here from whatever each read returns (a fast upstream
         sends dozens of events per read), with no generator layer in between:
@@ -171,8 +171,8 @@ class OpenAIProvider:
                 data = b"\n"  # the last line had no newline
             lines = (rest + data).split(b"\n") if rest else data.split(b"\n")
             rest = lines.pop()
-            if len(rest) > MAX_LINE_BYTES:
-                raise UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
+            texts: list[str] = []
+            failure: UpstreamError | None = None
             for line in lines:
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, `event:` lines
@@ -180,7 +180,11 @@ class OpenAIProvider:
                 if payload == b"[DONE]":
                     ended = True
                     break
-                chunk = self._parse(payload)
+                try:
+                    chunk = self._parse(payload)
+                except UpstreamError as exc:
+                    failure = exc  # after the deltas before it
+                    break
                 if "usage" in chunk:
                     usage = _usage(chunk["usage"]) or usage
                 for choice in chunk.get("choices") or ():
@@ -188,9 +192,16 @@ class OpenAIProvider:
                         continue
                     text = (choice.get("delta") or {}).get("content")
                     if text:
-                        deltas += 1
-                        yield text
+                        texts.append(text)
                     finish_reason = choice.get("finish_reason") or finish_reason
+            if texts:
+                # What one read brought is logged, woken and written as one batch.
+                deltas += len(texts)
+                yield texts[0] if len(texts) == 1 else texts
+            if failure is not None:
+                raise failure
+            if len(rest) > MAX_LINE_BYTES:
+                raise UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
         if finish_reason is None:
             raise UpstreamError(f"{self._label} ended the stream without a finish reason")
         if usage is None:  # servers that ignore stream_options

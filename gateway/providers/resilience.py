@@ -49,7 +49,7 @@ class FallbackChain:
     async def aclose(self) -> None:
         """The providers are shared with their own catalog entries, which close them."""
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
         failure: UpstreamError | None = None
         for attempt in self._attempts:
             for retry in range(attempt.max_retries + 1):

@@ -17,6 +17,7 @@ from gateway.transports.common import (
     read_generation_body,
     start_from_dict,
 )
+from gateway.transports.push import http_pusher
 from gateway.transports.sink import ClientGone, ClientSink
 
 WIRE_FORMAT = "ndjson"
@@ -26,6 +27,10 @@ HEARTBEAT = b"\n"
 
 def encode_ndjson(event: Event) -> bytes:
     return event.json + b"\n"
+
+
+def _encoded(event: Event) -> bytes:
+    return event.encoded(WIRE_FORMAT, encode_ndjson)
 
 
 async def serve_ndjson(
@@ -50,11 +55,13 @@ async def serve_ndjson(
     try:
         with generation.subscribe(after_seq) as subscription:
             await response.prepare(request)
+            push = http_pusher(response, sink, tracker, _encoded)
             async with sink:
                 while (batch := await subscription.next_batch()) is not None:
-                    data = b"".join(e.encoded(WIRE_FORMAT, encode_ndjson) for e in batch)
+                    data = b"".join(map(_encoded, batch))
                     await sink.write(data)
                     tracker.wrote(batch, len(data))
+                    subscription.push_tokens(push)  # the headers are out now
             await finish_response(response)
     except ClientGone:
         pass

@@ -26,6 +26,7 @@ from gateway.keys import (
     principal_of,
     registry_key,
     request_id_key,
+    retry_after_key,
     settings_key,
     shared_log_key,
 )
@@ -85,12 +86,17 @@ def ensure_accepting(request: web.Request) -> None:
 def ensure_capacity(request: web.Request) -> None:
     """Shed new streams past `server.max_streams` rather than slow every running one."""
     cap = request.app[settings_key].server.max_streams
-    if cap and request.app[registry_key].running >= cap:
-        request.app[metrics_key].refused("max_streams")
-        raise Overloaded(
-            f"this replica runs its maximum of {cap} streams; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+    if not cap:
+        return
+    if request.app[registry_key].running < cap:
+        request.app[retry_after_key].admitted()
+        return
+    request.app[metrics_key].refused("max_streams")
+    retry_after_s = request.app[retry_after_key].refused()
+    raise Overloaded(
+        f"this replica runs its maximum of {cap} streams; retry in {retry_after_s} s",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 async def start_generation(

@@ -29,6 +29,7 @@ from gateway.transports.common import (
     read_generation_body,
     start_generation,
 )
+from gateway.transports.push import http_pusher
 from gateway.transports.sink import ClientGone, ClientSink
 
 WIRE_FORMAT = "openai"
@@ -135,6 +136,10 @@ class ChunkEncoder:
             b'"logprobs":null,"finish_reason":null}]}' % event.text_json
         )
 
+    def token_frame(self, event: Event) -> bytes:
+        """`token(event)`, cached on the event for the other readers of this generation."""
+        return event.encoded(WIRE_FORMAT, self.token)
+
     def finish(self, event: Event) -> bytes:
         return self._frame(
             b',"system_fingerprint":null,"choices":[{"index":0,"delta":{},"logprobs":null,'
@@ -194,6 +199,7 @@ async def _stream(
                 heartbeat=HEARTBEAT,
                 heartbeat_s=streams.heartbeat_s,
             )
+            push = http_pusher(response, sink, tracker, encoder.token_frame)
             try:
                 async with sink:
                     out = [encoder.role()]
@@ -205,6 +211,7 @@ async def _stream(
                         if batch:
                             tracker.wrote(batch, len(data))
                         out = []
+                        subscription.push_tokens(push)  # the headers are out now
                         next_batch = await subscription.next_batch()
                         if next_batch is None:
                             break
@@ -219,7 +226,7 @@ async def _stream(
 
 def _encode(encoder: ChunkEncoder, event: Event, include_usage: bool) -> bytes:
     if event.type == "token":
-        return event.encoded(WIRE_FORMAT, encoder.token)
+        return encoder.token_frame(event)
     if event.type == "error":
         return error_frame(event)
     frames = encoder.finish(event)

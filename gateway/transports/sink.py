@@ -18,6 +18,10 @@ from aiohttp import web
 
 Writer = Callable[[bytes], Awaitable[None]]
 
+#: Queued bytes above which `write_now` refuses and the awaited write (its
+#: drain, and the stall watchdog) takes over; aiohttp's own drain threshold.
+PUSH_BUFFER_LIMIT = 64 * 1024
+
 
 class ClientGone(Exception):
     """The client closed the connection or was cut off for not reading."""
@@ -79,6 +83,27 @@ class ClientSink:
                 self._pending_since = None
         self._last_output = self._loop.time()
         self.bytes_written += len(data)
+
+    def write_now(self, data: bytes) -> bool:
+        """Queue `data` on the socket without awaiting, if the client keeps up; else False.
+
+        For bytes already framed for the wire, written from outside the
+        handler's task (a pushed token): nothing may be in flight, so the
+        order of writes is kept, and little may be queued, so a client that
+        stops reading still meets the watchdog on the awaited path.
+        """
+        transport = self._request.transport
+        if (
+            self._inflight
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > PUSH_BUFFER_LIMIT
+        ):
+            return False
+        transport.write(data)
+        self._last_output = self._loop.time()
+        self.bytes_written += len(data)
+        return True
 
     async def _watch(self) -> None:
         while True:

@@ -26,6 +26,7 @@ from gateway.transports.common import (
     read_generation_body,
     start_from_dict,
 )
+from gateway.transports.push import http_pusher
 from gateway.transports.sink import ClientGone, ClientSink
 
 WIRE_FORMAT = "sse"
@@ -49,6 +50,10 @@ def encode_sse(event: Event) -> bytes:
         event.type.encode(),
         event.json,
     )
+
+
+def _encoded(event: Event) -> bytes:
+    return event.encoded(WIRE_FORMAT, encode_sse)
 
 
 def body_from_query(query: MultiMapping[str]) -> dict[str, object]:
@@ -93,12 +98,14 @@ async def serve_sse(
     try:
         with generation.subscribe(after_seq) as subscription:
             await response.prepare(request)
+            push = http_pusher(response, sink, tracker, _encoded)
             async with response, sink:
                 while (batch := await subscription.next_batch()) is not None:
-                    data = retry + b"".join(e.encoded(WIRE_FORMAT, encode_sse) for e in batch)
+                    data = retry + b"".join(map(_encoded, batch))
                     await sink.write(data)
                     tracker.wrote(batch, len(data))
                     retry = b""
+                    subscription.push_tokens(push)  # the headers are out now
             await finish_response(response)
     except (ClientGone, ConnectionError):
         pass
