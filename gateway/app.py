@@ -20,6 +20,7 @@ from gateway.keys import (
     limiter_key,
     metrics_key,
     registry_key,
+    retry_after_key,
     settings_key,
     shared_log_key,
     websockets_key,
@@ -31,6 +32,7 @@ from gateway.observe import observe_middleware, record_status
 from gateway.ratelimit import make_limiter
 from gateway.registry import GenerationRegistry
 from gateway.shared_log import SharedLog
+from gateway.shedding import RetryAfterEstimate
 from gateway.static_routes import add_static_routes
 from gateway.tickets import create_ticket
 from gateway.transports.chunked import stream_chunked
@@ -121,6 +123,7 @@ def create_app(settings: Settings) -> web.Application:
     app[settings_key] = settings
     app[authenticator_key] = Authenticator(settings)
     app[lifecycle_key] = Lifecycle()
+    app[retry_after_key] = RetryAfterEstimate()
     app[websockets_key] = set()
     app[metrics_key] = new_metrics(settings)
     add_routes(app)

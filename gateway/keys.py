@@ -14,6 +14,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
 from gateway.registry import GenerationRegistry
 from gateway.shared_log import SharedLog
+from gateway.shedding import RetryAfterEstimate
 
 
 @dataclass(slots=True)
@@ -33,6 +34,8 @@ settings_key = web.AppKey("settings", Settings)
 catalog_key = web.AppKey("catalog", ModelCatalog)
 registry_key = web.AppKey("registry", GenerationRegistry)
 lifecycle_key = web.AppKey("lifecycle", Lifecycle)
+#: The Retry-After of `server.max_streams` refusals, estimated from the load.
+retry_after_key = web.AppKey("retry_after", RetryAfterEstimate)
 authenticator_key = web.AppKey("authenticator", Authenticator)
 limiter_key = web.AppKey("limiter", RateLimiter)
 metrics_key = web.AppKey("metrics", GatewayMetrics)
