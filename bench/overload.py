@@ -9,9 +9,10 @@ first token, 50 tokens at 100 tokens/s): `capped` has `server.max_streams:
 CPU per token), `uncapped` has none. First the unloaded time to first token (10
 clients), then every client loops for `--seconds`: a stream, read to its end;
 a 503 is honoured by sleeping its `Retry-After` (plus jitter) before the next
-try. The report compares the TTFT of admitted streams with the unloaded one:
-a gateway that sheds load keeps admitted streams fast, one that does not
-slows every stream down.
+try. The report compares the TTFT of admitted streams with the unloaded one,
+as the client sees it (the target: within 2x) and as the part the gateway
+adds (less the model's 50 ms), a much stricter measure: a gateway that sheds
+load keeps admitted streams fast, one that does not slows every stream down.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, Any]:
                 outcome, ttft, retry_after = await one_stream(session, url)
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
                 if ttft is not None and outcome == "ok":
-                    ttfts.append(ttft - FIRST_TOKEN_S)
+                    ttfts.append(ttft)
                 if outcome == "refused":
                     if not retry_after:
                         retry_after_missing += 1
@@ -88,8 +89,11 @@ async def load(url: str, clients: int, seconds: float) -> dict[str, Any]:
         "outcomes": outcomes,
         "admitted": outcomes.get("ok", 0),
         "refused_without_retry_after": retry_after_missing,
-        "ttft_added_p50_ms": percentile(ttfts, 0.5) * 1000,
-        "ttft_added_p99_ms": percentile(ttfts, 0.99) * 1000,
+        "ttft_p50_ms": percentile(ttfts, 0.5) * 1000,
+        "ttft_p99_ms": percentile(ttfts, 0.99) * 1000,
+        # Less the model's own first-token delay: what the gateway adds.
+        "ttft_added_p50_ms": (percentile(ttfts, 0.5) - FIRST_TOKEN_S) * 1000,
+        "ttft_added_p99_ms": (percentile(ttfts, 0.99) - FIRST_TOKEN_S) * 1000,
     }
 
 
@@ -116,16 +120,19 @@ async def run(args: argparse.Namespace) -> None:
         print(f"# {name}: done", flush=True)
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     print(
-        "| gateway | unloaded TTFT added p50 / p99 | admitted under overload p50 / p99 | "
-        "p99 ratio | streams admitted | refused (503) |"
+        "| gateway | TTFT p99 unloaded / admitted under overload (ratio) "
+        "| added by the gateway p50, p99: unloaded / overloaded (p99 ratio) "
+        "| streams admitted | refused (503) |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|")
     for name, result in results.items():
         u, o = result["unloaded"], result["overloaded"]
         print(
-            f"| {name} | {u['ttft_added_p50_ms']:.1f} / {u['ttft_added_p99_ms']:.1f} ms "
-            f"| {o['ttft_added_p50_ms']:.1f} / {o['ttft_added_p99_ms']:.1f} ms "
-            f"| × {o['ttft_added_p99_ms'] / max(u['ttft_added_p99_ms'], 0.1):.1f} "
+            f"| {name} | {u['ttft_p99_ms']:.1f} / {o['ttft_p99_ms']:.1f} ms "
+            f"(× {o['ttft_p99_ms'] / u['ttft_p99_ms']:.2f}) "
+            f"| {u['ttft_added_p50_ms']:.1f}, {u['ttft_added_p99_ms']:.1f} / "
+            f"{o['ttft_added_p50_ms']:.1f}, {o['ttft_added_p99_ms']:.1f} ms "
+            f"(× {o['ttft_added_p99_ms'] / max(u['ttft_added_p99_ms'], 0.1):.1f}) "
             f"| {o['admitted']} | {o['outcomes'].get('refused', 0)} |"
         )
 
