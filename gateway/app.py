@@ -23,6 +23,7 @@ from gateway.keys import (
     retry_after_key,
     settings_key,
     shared_log_key,
+    stream_cap_key,
     websockets_key,
 )
 from gateway.metrics import GatewayMetrics
@@ -32,7 +33,7 @@ from gateway.observe import observe_middleware, record_status
 from gateway.ratelimit import make_limiter
 from gateway.registry import GenerationRegistry
 from gateway.shared_log import SharedLog
-from gateway.shedding import RetryAfterEstimate
+from gateway.shedding import RetryAfterEstimate, open_files_stream_cap, stream_cap
 from gateway.static_routes import add_static_routes
 from gateway.tickets import create_ticket
 from gateway.transports.chunked import stream_chunked
@@ -98,12 +99,12 @@ def add_routes(app: web.Application) -> None:
     add_static_routes(app)
 
 
-def new_metrics(settings: Settings) -> GatewayMetrics:
+def new_metrics(settings: Settings, cap: int) -> GatewayMetrics:
     metrics = GatewayMetrics(
         ((m.name, m.provider) for m in settings.models),
         enabled=settings.server.metrics_enabled,
     )
-    metrics.streams_limit.set(settings.server.max_streams)
+    metrics.streams_limit.set(cap)
     return metrics
 
 
@@ -124,8 +125,9 @@ def create_app(settings: Settings) -> web.Application:
     app[authenticator_key] = Authenticator(settings)
     app[lifecycle_key] = Lifecycle()
     app[retry_after_key] = RetryAfterEstimate()
+    app[stream_cap_key] = cap = stream_cap(settings.server.max_streams, open_files_stream_cap())
     app[websockets_key] = set()
-    app[metrics_key] = new_metrics(settings)
+    app[metrics_key] = new_metrics(settings, cap)
     add_routes(app)
     add_metrics_route(app)
     # Torn down in reverse: generations stop (releasing their leases) before

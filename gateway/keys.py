@@ -36,6 +36,8 @@ registry_key = web.AppKey("registry", GenerationRegistry)
 lifecycle_key = web.AppKey("lifecycle", Lifecycle)
 #: The Retry-After of `server.max_streams` refusals, estimated from the load.
 retry_after_key = web.AppKey("retry_after", RetryAfterEstimate)
+#: Streams this replica takes: `server.max_streams`, or fewer if open files run short; 0: no cap.
+stream_cap_key = web.AppKey("stream_cap", int)
 authenticator_key = web.AppKey("authenticator", Authenticator)
 limiter_key = web.AppKey("limiter", RateLimiter)
 metrics_key = web.AppKey("metrics", GatewayMetrics)

@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.drain import drain
+from gateway.keys import stream_cap_key
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,12 @@ async def run(settings: Settings) -> None:
     (NOTES §1); the tests run with the same setting.
     """
     app = create_app(settings)
+    wanted = settings.server.max_streams
+    if wanted and app[stream_cap_key] < wanted:
+        log.warning(
+            "the open-files limit leaves room for fewer streams than server.max_streams",
+            extra={"max_streams": wanted, "stream_cap": app[stream_cap_key]},
+        )
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -94,6 +101,7 @@ async def run(settings: Settings) -> None:
                 "host": settings.server.host,
                 "port": settings.server.port,
                 "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                "stream_cap": app[stream_cap_key],
             },
         )
         await signals.stop.wait()

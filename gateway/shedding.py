@@ -1,4 +1,12 @@
-"""How long a client refused by `server.max_streams` should wait: Little's law, not a constant.
+"""Shedding streams: how many one replica takes, and how long a refused client should wait.
+
+The cap is `server.max_streams`, or what the open-files limit allows if that
+is lower: each proxied stream holds two sockets, and a replica that runs out
+of descriptors fails accepts and upstream connects at random instead of
+answering 503 (bench/suite.py S5 met a 20,000-file hard limit that root
+cannot raise in this container).
+
+The Retry-After follows Little's law, not a constant.
 
 A fixed `Retry-After: 1` brings every refused client back every second, so
 under a sustained overload of N waiting clients the replica answers N
@@ -15,10 +23,33 @@ The estimate is smoothed across one-second windows and kept within
 from __future__ import annotations
 
 import math
+import resource
 import time
 from collections.abc import Callable
 
 MAX_RETRY_AFTER_S = 30
+#: Sockets a proxied stream holds: the client's and the upstream's.
+FDS_PER_STREAM = 2
+#: Descriptors kept for all else: listening sockets, idle keep-alive clients,
+#: connections accepted but not yet admitted, log files, Redis.
+FD_RESERVE = 512
+
+
+def open_files_stream_cap(limit: int | None = None) -> int:
+    """Streams the open-files limit (the soft one, by default) leaves room for; 0: unbounded."""
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return 0
+    return max(1, (limit - FD_RESERVE) // FDS_PER_STREAM)
+
+
+def stream_cap(max_streams: int, open_files_cap: int) -> int:
+    """The lower of the two caps, where 0 means none."""
+    caps = [cap for cap in (max_streams, open_files_cap) if cap]
+    return min(caps, default=0)
+
+
 #: Weight of the newest one-second window in the smoothed estimate.
 SMOOTHING = 0.5
 

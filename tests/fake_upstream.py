@@ -97,6 +97,8 @@ class FakeUpstream:
     line_end: bytes = b"\n"
     #: Write each frame in two pieces, cut inside a UTF-8 sequence when there is one.
     fragment: bool = False
+    #: A `Set-Cookie` on every answer, as load balancers with sticky sessions send.
+    set_cookie: str | None = None
     requests: list[UpstreamRequest] = field(default_factory=list)
     base_url: str = ""
 
@@ -142,6 +144,8 @@ class FakeUpstream:
         if not body.get("stream"):
             return self._whole(body)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if self.set_cookie is not None:
+            response.set_cookie("upstream_session", self.set_cookie)
         try:
             await _Stream(self, request, response, body, record).run()
         except (asyncio.CancelledError, ConnectionError):

@@ -7,9 +7,11 @@ fills up and blocks the gateway.
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,17 @@ class GatewayProcess:
             await self.process.wait()
 
 
-async def start_gateway_process(config: dict[str, Any], folder: Path) -> GatewayProcess:
-    """Write `config` (it must set `server.port`) to `folder`, start, wait for /healthz."""
+def _limit_open_files(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
+async def start_gateway_process(
+    config: dict[str, Any], folder: Path, *, open_files: int | None = None
+) -> GatewayProcess:
+    """Write `config` (it must set `server.port`) to `folder`, start, wait for /healthz.
+
+    `open_files` sets the process's open-files limit (soft and hard).
+    """
     port = config["server"]["port"]
     path = folder / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -64,6 +75,7 @@ async def start_gateway_process(config: dict[str, Any], folder: Path) -> Gateway
             cwd=ROOT,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=stderr,
+            preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
         )
     gateway = GatewayProcess(port, process, log)
     async with aiohttp.ClientSession() as session, asyncio.timeout(15):

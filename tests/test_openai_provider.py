@@ -806,6 +806,23 @@ async def test_the_chat_body_reaches_the_upstream_with_unknown_fields_unchanged(
     assert sent.headers["OpenAI-Organization"] == "org-test"
 
 
+async def test_a_cookie_the_upstream_sets_for_one_caller_never_reaches_it_again(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream
+) -> None:
+    """The gateway's one upstream session serves every caller: no cookie jar.
+
+    By host name: aiohttp's default jar ignores cookies from IP addresses."""
+    by_name = fake_upstream.base_url.replace("127.0.0.1", "localhost")
+    assert by_name != fake_upstream.base_url
+    server = await gateway(start_gateway, openai_model(by_name))
+    fake_upstream.set_cookie = "alice-affinity"
+    for _ in range(2):
+        events = await STREAMING["chunked"](server)
+        assert text_of(events) == TEXT
+    first, second = fake_upstream.requests
+    assert "Cookie" not in first.headers and "Cookie" not in second.headers
+
+
 async def test_sampling_defaults_are_left_to_the_upstream(
     start_gateway: StartGateway, fake_upstream: FakeUpstream
 ) -> None:

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from gateway.shedding import MAX_RETRY_AFTER_S, RetryAfterEstimate
+import asyncio
+import resource
+from pathlib import Path
+
+import aiohttp
+
+from gateway.shedding import (
+    FD_RESERVE,
+    MAX_RETRY_AFTER_S,
+    RetryAfterEstimate,
+    open_files_stream_cap,
+    stream_cap,
+)
+from tests.gateway_process import NO_LIMITS, start_gateway_process
+from tests.helpers import read_ndjson
+from tests.test_hostile_clients import scrape_value
+from tests.test_serve import free_port
 
 
 class Clock:
@@ -58,3 +74,53 @@ def test_no_admissions_at_all_waits_the_longest_and_recovers_when_load_ends() ->
     for _ in range(12):
         run_second(estimate, clock, admitted=100, refused=1)
     assert estimate.retry_after_s == 1
+
+
+def test_the_open_files_limit_caps_streams_below_max_streams() -> None:
+    assert open_files_stream_cap(20_000) == (20_000 - FD_RESERVE) // 2
+    assert open_files_stream_cap(100) == 1
+    assert open_files_stream_cap(resource.RLIM_INFINITY) == 0
+    assert stream_cap(0, 9_744) == 9_744
+    assert stream_cap(100, 9_744) == 100
+    assert stream_cap(0, 0) == 0
+
+
+async def test_a_replica_short_of_open_files_sheds_with_503_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """600 descriptors leave room for 44 streams; 80 clients at once get 44 streams and
+    36 clean refusals, where without the cap accepts and upstream connects would fail."""
+    config = {
+        "server": {"port": free_port()},
+        "models": [{"name": "sim", "provider": "simulated", "tokens_per_second": 20}],
+        "streams": {"resume_grace_s": 0},
+        "rate_limit": {"default": NO_LIMITS},
+        "logging": {"level": "info"},
+    }
+    gateway = await start_gateway_process(config, tmp_path, open_files=600)
+    try:
+        cap = (600 - FD_RESERVE) // 2
+        body = {"model": "sim", "prompt": "hi", "max_tokens": 20}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def one() -> tuple[int, str, str]:
+                url = f"{gateway.url}/v1/stream/chunked"
+                async with session.post(url, json=body) as response:
+                    if response.status != 200:
+                        error = (await response.json())["error"]["code"]
+                        return response.status, error, response.headers.get("Retry-After", "")
+                    events = await read_ndjson(response)
+                    return 200, events[-1]["type"], ""
+
+            results = await asyncio.gather(*(one() for _ in range(80)))
+            async with session.get(f"{gateway.url}/metrics") as response:
+                scrape = await response.text()
+            assert await one() == (200, "done", "")  # and it serves on afterwards
+        assert sorted(set(results)) == [(200, "done", ""), (503, "rate_limited", "1")]
+        assert sum(status == 200 for status, _, _ in results) == cap
+        assert scrape_value(scrape, "gateway_streams_limit") == cap
+        assert scrape_value(scrape, "gateway_rate_limited_total", limit="max_streams") == 80 - cap
+        assert f'"stream_cap":{cap}' in gateway.log_text()
+    finally:
+        await gateway.stop()
+    assert "Traceback" not in gateway.log_text(), gateway.log_text()[-3000:]

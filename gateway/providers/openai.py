@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from gateway.config import OpenAIModel
 from gateway.errors import UpstreamError, UpstreamTimeout
@@ -56,7 +57,8 @@ class OpenAIProvider:
         self._model = model
         self._key = model.api_key.get_secret_value() if model.api_key else None
         self._label = f"upstream {model.name!r} ({model.base_url})"
-        self._url = model.base_url.rstrip("/") + "/chat/completions"
+        # Parsed once: aiohttp would parse a str URL on every request.
+        self._url = URL(model.base_url.rstrip("/") + "/chat/completions")
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
@@ -83,7 +85,12 @@ class OpenAIProvider:
                 sock_read=self._model.timeout_s,  # the longest silence between chunks
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, raise_for_status=False
+                connector=connector,
+                timeout=timeout,
+                raise_for_status=False,
+                # One session serves every caller: a cookie the upstream sets in
+                # one caller's answer must never go out with another's request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

@@ -29,6 +29,7 @@ from gateway.keys import (
     retry_after_key,
     settings_key,
     shared_log_key,
+    stream_cap_key,
 )
 from gateway.registry import ID_PREFIX
 from gateway.schema import GenerationRequest, parse_generation_request, parse_json_object
@@ -84,8 +85,12 @@ def ensure_accepting(request: web.Request) -> None:
 
 
 def ensure_capacity(request: web.Request) -> None:
-    """Shed new streams past `server.max_streams` rather than slow every running one."""
-    cap = request.app[settings_key].server.max_streams
+    """Shed new streams past the cap rather than slow (or, out of sockets, fail) running ones.
+
+    The cap is `server.max_streams` or what the open-files limit allows,
+    whichever is lower; refusals of both count as `limit="max_streams"`.
+    """
+    cap = request.app[stream_cap_key]
     if not cap:
         return
     if request.app[registry_key].running < cap:
