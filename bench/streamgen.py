@@ -32,6 +32,9 @@ MARKS = {
     "sse": b"event: token\n",
     "chunked": b'{"type":"token"',
     "ws": b'"type":"token"',
+    # WebSocket on a socket each worker keeps open, as the browser client does
+    # (one multiplexed socket): no connect and no upgrade in a stream's TTFT.
+    "ws-open": b'"type":"token"',
 }
 ROUTES = {
     "openai": "/v1/chat/completions",
@@ -116,7 +119,9 @@ class Generator:
             headers["X-Request-ID"] = f"rec-{self.args.tag}-{index}"
         return headers
 
-    async def one(self, session: aiohttp.ClientSession) -> None:
+    async def one(
+        self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse | None = None
+    ) -> None:
         index = self.counter
         self.counter += 1
         totals = self.totals
@@ -126,7 +131,9 @@ class Generator:
         totals.peak = max(totals.peak, totals.open)
         try:
             async with asyncio.timeout(self.args.timeout_s):
-                if self.args.transport == "ws":
+                if ws is not None:
+                    ended = await self._on_websocket(ws, stream, index)
+                elif self.args.transport == "ws":
                     ended = await self._websocket(session, stream, index)
                 else:
                     ended = await self._http(session, stream, index)
@@ -168,21 +175,27 @@ class Generator:
         headers = self.headers(index)
         headers.pop("Content-Type")
         async with session.ws_connect(self.args.url + "/v1/stream/ws", headers=headers) as ws:
-            message = b'{"type":"generate","request_id":"r",' + self.body(index)[1:]
-            await ws.send_str(message.decode())
-            async for frame in ws:
-                if frame.type != aiohttp.WSMsgType.TEXT:
-                    return f"websocket {frame.type.name}"
-                data = frame.data.encode()
-                stream.saw(data)
-                if self.args.drop_after and stream.tokens >= self.args.drop_after:
-                    dropped = self._dropped(index)
-                    await ws.close()  # as a browser closing the tab (1001 or 1000)
-                    return dropped
-                if b'"type":"done"' in data:
-                    return "done"
-                if b'"type":"error"' in data:
-                    return "error event"
+            return await self._on_websocket(ws, stream, index)
+
+    async def _on_websocket(
+        self, ws: aiohttp.ClientWebSocketResponse, stream: Stream, index: int
+    ) -> str:
+        """One stream on an open socket; `ws-open` reuses it for the next one."""
+        message = b'{"type":"generate","request_id":"r%d",' % index + self.body(index)[1:]
+        await ws.send_str(message.decode())
+        async for frame in ws:
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                return f"websocket {frame.type.name}"
+            data = frame.data.encode()
+            stream.saw(data)
+            if self.args.drop_after and stream.tokens >= self.args.drop_after:
+                dropped = self._dropped(index)
+                await ws.close()  # as a browser closing the tab (1001 or 1000)
+                return dropped
+            if b'"type":"done"' in data:
+                return "done"
+            if b'"type":"error"' in data:
+                return "error event"
         return "closed early"
 
     async def run(self) -> dict[str, Any]:
@@ -195,12 +208,19 @@ class Generator:
 
             async def worker(slot: int) -> None:
                 await asyncio.sleep(args.ramp_s * slot / max(1, args.concurrency))
-                while True:
-                    if deadline is None and self.counter >= args.streams:
-                        return
-                    if deadline is not None and time.perf_counter() >= deadline:
-                        return
-                    await self.one(session)
+                ws = None
+                if args.transport == "ws-open":
+                    ws = await session.ws_connect(args.url + "/v1/stream/ws")
+                try:
+                    while True:
+                        if deadline is None and self.counter >= args.streams:
+                            return
+                        if deadline is not None and time.perf_counter() >= deadline:
+                            return
+                        await self.one(session, ws)
+                finally:
+                    if ws is not None:
+                        await ws.close()
 
             await asyncio.gather(*(worker(slot) for slot in range(args.concurrency)))
             wall = time.perf_counter() - began

@@ -166,6 +166,16 @@ async def s1_latency(up: Proc, gw: Proc, quick: bool) -> Runs:
             "added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
             "errors": errors_of(through),
         }
+    if "ws" in TRANSPORTS_CHOSEN:
+        # As the browser client streams: one socket kept open, no connect or
+        # upgrade per stream (direct pays a TCP connect each, so no target).
+        through = await load(gw, gw.url, "ws-open", "fast", **options)
+        rows["S1 ws, socket kept open"] = {
+            "direct TTFT p50 ms": direct["ttft_p50_s"] * 1000,
+            "TTFT p50 ms": through["ttft_p50_s"] * 1000,
+            "TTFT p99 ms": through["ttft_p99_s"] * 1000,
+            "errors": errors_of(through),
+        }
     return rows
 
 
