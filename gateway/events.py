@@ -26,7 +26,7 @@ def scrub_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _dumps_compact(value: Any) -> bytes:
+def dumps_compact(value: Any) -> bytes:
     """`orjson.dumps`, copied into a right-sized object.
 
     orjson 3.13 returns bytes that keep a 4 KiB allocation however short the
@@ -89,10 +89,10 @@ class Event:
                 self.json = _token_json(seq, fields["text"])
                 stored = None  # the text is in self.json
             else:
-                self.json = _dumps_compact({"type": type, "seq": seq, **fields})
+                self.json = dumps_compact({"type": type, "seq": seq, **fields})
         except (orjson.JSONEncodeError, UnicodeEncodeError):
             stored = _scrub(fields)
-            self.json = _dumps_compact({"type": type, "seq": seq, **stored})
+            self.json = dumps_compact({"type": type, "seq": seq, **stored})
         self._fields = stored
         self._wire: str | None = None
         self._encoded: bytes | None = None
