@@ -274,7 +274,10 @@ async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
         rows[f"S5 {transport}"] = {
             "streams": float(streams),
             "served": float(through["completed"]),
-            "errors": errors_of(through) + errors_of(direct),
+            "direct served": float(direct["completed"]),
+            "errors": errors_of(through),
+            # Shed by the open-files cap (2 sockets a stream, see gateway/shedding.py).
+            "of which 503": float(through["errors"].get("HTTP 503", 0)),
             "peak open": float(through["peak_open"]),
             "gateway RSS peak MB": through["rss_peak"] / 2**20,
             "RSS per stream KiB": (through["rss_peak"] - through["rss_before"])

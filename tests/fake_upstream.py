@@ -97,6 +97,9 @@ class FakeUpstream:
     line_end: bytes = b"\n"
     #: Write each frame in two pieces, cut inside a UTF-8 sequence when there is one.
     fragment: bool = False
+    #: After N deltas, stream a tool call (OpenAI's `delta.tool_calls`) and
+    #: finish with `tool_calls`, as a model that decided to call a function.
+    tool_call_after: int | None = None
     #: A `Set-Cookie` on every answer, as load balancers with sticky sessions send.
     set_cookie: str | None = None
     requests: list[UpstreamRequest] = field(default_factory=list)
@@ -244,6 +247,16 @@ class _Stream:
         if index == fake.error_after:
             error = {"message": fake.error_message, "type": "server_error", "code": None}
             await self.write(b"data: " + orjson.dumps({"error": error}))
+            await self.response.write_eof()
+            return True
+        if index == fake.tool_call_after:
+            call = {"index": 0, "id": "call_1", "type": "function"}
+            call["function"] = {"name": "get_weather", "arguments": ""}
+            await self.chunk(self.choice({"tool_calls": [call]}))
+            arguments = {"index": 0, "function": {"arguments": '{"city":"Oslo"}'}}
+            await self.chunk(self.choice({"tool_calls": [arguments]}))
+            await self.chunk(self.choice({}, "tool_calls"))
+            await self.write(b"data: [DONE]")
             await self.response.write_eof()
             return True
         if index == fake.malformed_after:

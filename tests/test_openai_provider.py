@@ -152,7 +152,7 @@ EVERY_TRANSPORT = {**STREAMING, "openai-whole": openai_whole}
 # -- streaming the upstream's exact output ----------------------------------
 
 
-@pytest.mark.parametrize("finish_reason", ["stop", "length"])
+@pytest.mark.parametrize("finish_reason", ["stop", "length", "content_filter"])
 @pytest.mark.parametrize("transport", EVERY_TRANSPORT)
 async def test_every_transport_streams_the_upstream_text_finish_and_usage(
     start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str, finish_reason: str
@@ -697,6 +697,39 @@ async def test_mid_stream_failures_deliver_the_tokens_then_an_error_and_are_not_
         assert_well_formed(events)
         assert error["retryable"] is True
     assert len(fake_upstream.requests) == 1
+
+
+@pytest.mark.parametrize("transport", STREAMING)
+async def test_a_tool_call_is_an_explicit_error_not_a_silent_end(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str
+) -> None:
+    """Tool calls are not forwarded yet. Ending with `stop` would tell the client the
+    model had finished, when it waits for a function's result: it gets an error."""
+    fake_upstream.tool_call_after = 2
+    model = openai_model(fake_upstream.base_url, max_retries=3, fallbacks=["sim-1"])
+    server = await gateway(start_gateway, model)
+    events = await STREAMING[transport](server)
+    assert [e["text"] for e in events if e["type"] == "token"] == ["Hel", "lo"]
+    error = events[-1]
+    assert error["type"] == "error" and error["code"] == "upstream_error"
+    assert "tool call" in error["message"]
+    if transport != "openai":
+        assert_well_formed(events)
+        assert error["retryable"] is False
+    assert len(fake_upstream.requests) == 1  # neither retried nor handed to the fallback
+
+
+async def test_a_tool_call_before_any_text_is_a_502_on_the_openai_route(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.tool_call_after = 0
+    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
+    url = server.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=chat_body(BODY, True), headers=AUTH) as response:
+            assert response.status == 502
+            error = (await response.json())["error"]
+    assert "tool call" in error["message"]
 
 
 async def test_a_mid_stream_failure_fails_a_non_streaming_completion(

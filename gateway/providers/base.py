@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 from gateway.schema import GenerationRequest
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,10 +200,16 @@ class OpenAIProvider:
                 for choice in chunk.get("choices") or ():
                     if choice.get("index", 0) != 0:
                         continue
-                    text = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
                     if text:
                         texts.append(text)
+                    if "tool_calls" in delta or "function_call" in delta:
+                        failure = self._tool_call_error()
+                        break
                     finish_reason = choice.get("finish_reason") or finish_reason
+                if failure is not None:
+                    break
             if texts:
                 # What one read brought is logged, woken and written as one batch.
                 deltas += len(texts)
@@ -217,8 +223,21 @@ class OpenAIProvider:
         if usage is None:  # servers that ignore stream_options
             prompt = sum(max(1, math.ceil(len(m.content) / 4)) for m in request.chat)
             usage = Usage(prompt, deltas)
-        reason: FinishReason = "length" if finish_reason == "length" else "stop"
+        if finish_reason in ("tool_calls", "function_call"):
+            raise self._tool_call_error()
+        reason: FinishReason = (
+            finish_reason if finish_reason in ("length", "content_filter") else "stop"  # type: ignore[assignment]
+        )
         yield Finish(reason, usage)
+
+    def _tool_call_error(self) -> UpstreamError:
+        """Tool calls are not forwarded yet: say so, rather than end the stream as if
+        the model had finished its text (it is waiting for the function's result)."""
+        return UpstreamError(
+            f"{self._label} answered with a tool call, which this gateway does not forward yet",
+            retryable=False,
+            fallback=False,
+        )
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
         try:

@@ -104,8 +104,9 @@ def parse_chat_request(data: dict[str, Any]) -> tuple[GenerationRequest, bool, b
 
 
 def _finish_reason(event: Event) -> str:
+    """OpenAI's reasons; our `cancelled` (the caller went away) has no equivalent."""
     reason = event.fields.get("finish_reason")
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "content_filter") else "stop"
 
 
 class ChunkEncoder:
