@@ -39,6 +39,8 @@ MODELS = ("fast", "paced-20", "paced-1000")
 TRANSPORTS = ("openai", "sse", "chunked", "ws")
 #: `--transports` narrows S1 and S3 (while profiling one path).
 TRANSPORTS_CHOSEN = list(TRANSPORTS)
+#: `--s3-streams`: S3's concurrency (500 is the issue's; less shows what this machine carries).
+S3_STREAMS = [500]
 
 
 @dataclass
@@ -203,7 +205,7 @@ async def s2_throughput(up: Proc, gw: Proc, quick: bool) -> Runs:
 
 async def s3_many_slow(up: Proc, gw: Proc, quick: bool) -> Runs:
     options = {
-        "concurrency": 500,
+        "concurrency": S3_STREAMS[0],
         "tokens": 100,
         "duration_s": 8 if quick else 30,
         "ramp_s": 1,
@@ -392,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated scenarios, e.g. S1,S4")
     parser.add_argument("--json", help="write every round's figures here")
     parser.add_argument("--transports", help="S1 and S3 only on these, e.g. openai,sse")
+    parser.add_argument("--s3-streams", type=int, default=500, help="S3's concurrency")
     args = parser.parse_args(argv)
+    S3_STREAMS[0] = args.s3_streams
     if args.transports:
         TRANSPORTS_CHOSEN[:] = [t.strip() for t in args.transports.split(",")]
     if args.quick and args.rounds == 3:
