@@ -112,3 +112,29 @@ async def test_finished_generation_is_kept_for_resume(start_gateway: StartGatewa
     registry = server.app[registry_key]
     generation = registry.get(events[0]["generation_id"], "anonymous")
     assert generation.finished and len(generation.events) == len(events)
+
+
+async def test_an_http_1_0_client_gets_the_same_stream_unchunked(
+    start_gateway: StartGateway,
+) -> None:
+    """HTTP/1.0 has no chunked encoding: the body ends with the connection. Tokens
+    written straight from the generation's task must not be chunk-framed then."""
+    model = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 400}
+    server = await start_gateway(models=[model])
+    body = orjson.dumps({**BODY, "max_tokens": 30})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/stream/chunked"), data=body) as response:
+            reference = text_of(await read_ndjson(response))
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /v1/stream/chunked HTTP/1.0\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    raw = await asyncio.wait_for(reader.read(-1), 10)  # to EOF
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding" not in head.lower()
+    events = [orjson.loads(line) for line in payload.splitlines() if line.strip()]
+    assert_well_formed(events)
+    assert text_of(events) == reference
