@@ -30,9 +30,14 @@ from collections.abc import Callable
 MAX_RETRY_AFTER_S = 30
 #: Sockets a proxied stream holds: the client's and the upstream's.
 FDS_PER_STREAM = 2
-#: Descriptors kept for all else: listening sockets, idle keep-alive clients,
-#: connections accepted but not yet admitted, log files, Redis.
-FD_RESERVE = 512
+#: Descriptors kept for all else (listening sockets, idle keep-alive clients,
+#: connections accepted but not yet admitted, log files, Redis): an eighth of
+#: the limit, within these bounds, so that a common 1,024 keeps 128.
+FD_RESERVE_MIN, FD_RESERVE_MAX = 64, 512
+
+
+def fd_reserve(limit: int) -> int:
+    return max(FD_RESERVE_MIN, min(FD_RESERVE_MAX, limit // 8))
 
 
 def open_files_stream_cap(limit: int | None = None) -> int:
@@ -41,7 +46,7 @@ def open_files_stream_cap(limit: int | None = None) -> int:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if limit == resource.RLIM_INFINITY:
         return 0
-    return max(1, (limit - FD_RESERVE) // FDS_PER_STREAM)
+    return max(1, (limit - fd_reserve(limit)) // FDS_PER_STREAM)
 
 
 def stream_cap(max_streams: int, open_files_cap: int) -> int:

@@ -9,7 +9,6 @@ from pathlib import Path
 import aiohttp
 
 from gateway.shedding import (
-    FD_RESERVE,
     MAX_RETRY_AFTER_S,
     RetryAfterEstimate,
     open_files_stream_cap,
@@ -77,8 +76,10 @@ def test_no_admissions_at_all_waits_the_longest_and_recovers_when_load_ends() ->
 
 
 def test_the_open_files_limit_caps_streams_below_max_streams() -> None:
-    assert open_files_stream_cap(20_000) == (20_000 - FD_RESERVE) // 2
-    assert open_files_stream_cap(100) == 1
+    assert open_files_stream_cap(20_000) == (20_000 - 512) // 2 == 9_744
+    assert open_files_stream_cap(1_024) == (1_024 - 128) // 2
+    assert open_files_stream_cap(200) == (200 - 64) // 2
+    assert open_files_stream_cap(60) == 1
     assert open_files_stream_cap(resource.RLIM_INFINITY) == 0
     assert stream_cap(0, 9_744) == 9_744
     assert stream_cap(100, 9_744) == 100
@@ -88,8 +89,8 @@ def test_the_open_files_limit_caps_streams_below_max_streams() -> None:
 async def test_a_replica_short_of_open_files_sheds_with_503_instead_of_failing(
     tmp_path: Path,
 ) -> None:
-    """600 descriptors leave room for 44 streams; 80 clients at once get 44 streams and
-    36 clean refusals, where without the cap accepts and upstream connects would fail."""
+    """200 descriptors leave room for 68 streams; 80 clients at once get 68 streams and
+    12 clean refusals, where without the cap accepts and upstream connects would fail."""
     config = {
         "server": {"port": free_port()},
         "models": [{"name": "sim", "provider": "simulated", "tokens_per_second": 20}],
@@ -97,9 +98,9 @@ async def test_a_replica_short_of_open_files_sheds_with_503_instead_of_failing(
         "rate_limit": {"default": NO_LIMITS},
         "logging": {"level": "info"},
     }
-    gateway = await start_gateway_process(config, tmp_path, open_files=600)
+    gateway = await start_gateway_process(config, tmp_path, open_files=200)
     try:
-        cap = (600 - FD_RESERVE) // 2
+        cap = open_files_stream_cap(200)
         body = {"model": "sim", "prompt": "hi", "max_tokens": 20}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
