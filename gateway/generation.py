@@ -3,9 +3,10 @@
 Transports never talk to the provider. They `subscribe()` from a seq and
 follow the log, either by awaiting `next_batch()` or, once caught up, by
 letting the generation push new tokens to them synchronously (`push_tokens`),
-which saves a task switch per token. When the last subscriber of an unfinished generation leaves,
-a grace timer starts and, unless somebody re-attaches, cancels the task,
-which closes the upstream request (the provider's `finally` runs).
+which saves a task switch per token. When the last subscriber of an
+unfinished generation leaves, a grace timer starts and, unless somebody
+re-attaches, cancels the task, which closes the upstream request (the
+provider's `finally` runs).
 """
 
 from __future__ import annotations
