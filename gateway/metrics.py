@@ -227,7 +227,8 @@ class GatewayMetrics:
         )
         self.streams_limit = Gauge(
             "gateway_streams_limit",
-            "server.max_streams: the cap on concurrent streams per replica (0: none).",
+            "The cap on concurrent streams per replica: server.max_streams, or what the "
+            "open-files limit allows if lower (0: none).",
             **kw,
         )
         self._transports = {t: self._transport_children(t) for t in TRANSPORTS}
