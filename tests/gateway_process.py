@@ -10,6 +10,7 @@ import asyncio
 import resource
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -78,12 +79,20 @@ async def start_gateway_process(
             preexec_fn=None if open_files is None else partial(_limit_open_files, open_files),
         )
     gateway = GatewayProcess(port, process, log)
+    await wait_healthy(gateway.url, process, log.read_text)
+    return gateway
+
+
+async def wait_healthy(
+    url: str, process: asyncio.subprocess.Process, why: Callable[[], str] = str
+) -> None:
+    """Until `url`/healthz answers 200; fails at once (with `why()`) if the process exits."""
     async with aiohttp.ClientSession() as session, asyncio.timeout(15):
         while True:
-            assert process.returncode is None, log.read_text()
+            assert process.returncode is None, why()
             try:
-                async with session.get(f"{gateway.url}/healthz") as response:
+                async with session.get(f"{url}/healthz") as response:
                     if response.status == 200:
-                        return gateway
+                        return
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.05)

@@ -687,16 +687,25 @@ async def test_mid_stream_failures_deliver_the_tokens_then_an_error_and_are_not_
 ) -> None:
     for name, value in MID_STREAM[failure].items():
         setattr(fake_upstream, name, value)
+    events, error = await two_tokens_then_an_error(start_gateway, fake_upstream, transport)
+    if transport != "openai":  # OpenAI's error frame has no `retryable`
+        assert_well_formed(events)
+        assert error["retryable"] is True
+    assert len(fake_upstream.requests) == 1
+
+
+async def two_tokens_then_an_error(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str
+) -> tuple[Events, dict[str, Any]]:
+    """One stream from a model with retries and a fallback; its text is `Hel`, `lo`,
+    then an `upstream_error`."""
     model = openai_model(fake_upstream.base_url, max_retries=3, fallbacks=["sim-1"])
     server = await gateway(start_gateway, model)
     events = await STREAMING[transport](server)
     assert [e["text"] for e in events if e["type"] == "token"] == ["Hel", "lo"]
     error = events[-1]
     assert error["type"] == "error" and error["code"] == "upstream_error"
-    if transport != "openai":  # OpenAI's error frame has no `retryable`
-        assert_well_formed(events)
-        assert error["retryable"] is True
-    assert len(fake_upstream.requests) == 1
+    return events, error
 
 
 @pytest.mark.parametrize("transport", STREAMING)
@@ -706,12 +715,7 @@ async def test_a_tool_call_is_an_explicit_error_not_a_silent_end(
     """Tool calls are not forwarded yet. Ending with `stop` would tell the client the
     model had finished, when it waits for a function's result: it gets an error."""
     fake_upstream.tool_call_after = 2
-    model = openai_model(fake_upstream.base_url, max_retries=3, fallbacks=["sim-1"])
-    server = await gateway(start_gateway, model)
-    events = await STREAMING[transport](server)
-    assert [e["text"] for e in events if e["type"] == "token"] == ["Hel", "lo"]
-    error = events[-1]
-    assert error["type"] == "error" and error["code"] == "upstream_error"
+    events, error = await two_tokens_then_an_error(start_gateway, fake_upstream, transport)
     assert "tool call" in error["message"]
     if transport != "openai":
         assert_well_formed(events)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.gateway_process import wait_healthy
 from tests.helpers import assert_well_formed, read_ndjson
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,14 +38,8 @@ async def start_process(port: int, **overrides: str) -> asyncio.subprocess.Proce
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    async with aiohttp.ClientSession() as session, asyncio.timeout(15):
-        while True:
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
-                    if response.status == 200:
-                        return process
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.1)
+    await wait_healthy(f"http://127.0.0.1:{port}", process)
+    return process
 
 
 async def test_python_m_gateway_serves_the_default_config() -> None:

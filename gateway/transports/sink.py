@@ -40,6 +40,9 @@ class ClientSink:
         heartbeat_s: float | None = None,
     ) -> None:
         self._request = request
+        #: Kept: `request.transport` is a property lookup, and `write_now` runs per token.
+        #: After the connection is lost it reports `is_closing()`.
+        self._transport = request.transport
         self._write = write
         self._write_timeout_s = write_timeout_s
         self._heartbeat = heartbeat
@@ -92,7 +95,7 @@ class ClientSink:
         order of writes is kept, and little may be queued, so a client that
         stops reading still meets the watchdog on the awaited path.
         """
-        transport = self._request.transport
+        transport = self._transport
         if (
             self._inflight
             or transport is None
