@@ -20,6 +20,11 @@ class CatalogEntry:
     #: The model's own provider wrapped with its retries and fallbacks.
     provider: Provider
 
+    @property
+    def passthrough(self) -> tuple[str, ...]:
+        """Extra OpenAI-route fields this model's operator forwards as given."""
+        return self.settings.passthrough if isinstance(self.settings, OpenAIModel) else ()
+
 
 def build_provider(model: ModelSettings) -> Provider:
     if isinstance(model, SimulatedModel):

@@ -76,6 +76,8 @@ class SimulatedModel(_Section):
     tokens_per_second: float = Field(default=50, gt=0)
     first_token_ms: float = Field(default=150, ge=0)
     fail_after_tokens: int | None = Field(default=None, ge=0)
+    #: Think this many tokens (`reasoning` events) before answering.
+    reasoning_tokens: int = Field(default=0, ge=0, le=100_000)
 
 
 class OpenAIModel(_Section):
@@ -88,6 +90,10 @@ class OpenAIModel(_Section):
     timeout_s: float = Field(default=60, gt=0)
     max_retries: int = Field(default=2, ge=0, le=10)
     fallbacks: tuple[str, ...] = ()
+    #: Request fields of the OpenAI-compatible route forwarded as given: fields
+    #: it does not know (400 otherwise) or that act on the upstream account
+    #: (`store`, `metadata`, `service_tier`, `user`: dropped otherwise).
+    passthrough: tuple[str, ...] = ()
     #: Extension of the contract: open connections to this upstream at most (one
     #: per running stream). The SDK's default, 1,000, queued streams past it.
     max_connections: int = Field(default=10_000, ge=1)

@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 import orjson
 
-EventType = Literal["start", "token", "done", "error"]
+EventType = Literal["start", "token", "reasoning", "tool_call", "done", "error"]
 TERMINAL_TYPES: frozenset[str] = frozenset({"done", "error"})
+#: The answer's pieces, between `start` and the terminal event.
+DELTA_TYPES: frozenset[str] = frozenset({"token", "reasoning", "tool_call"})
 
 
 def scrub_surrogates(text: str) -> str:

@@ -1,5 +1,9 @@
 """A generation: one upstream call in its own task, and its in-order event log.
 
+The log holds `token`, `reasoning` and `tool_call` events on one `seq`
+sequence, in the order the upstream sent them, so resume and retention treat
+them alike.
+
 Transports never talk to the provider. They `subscribe()` from a seq and
 follow the log, either by awaiting `next_batch()` or, once caught up, by
 letting the generation push new tokens to them synchronously (`push_tokens`),
@@ -13,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, Literal
 
 from gateway.errors import GatewayError, InternalError, UpstreamError
-from gateway.events import EVENT_OVERHEAD_BYTES, Event, EventType
-from gateway.providers.base import Finish, Provider, Usage
+from gateway.events import DELTA_TYPES, EVENT_OVERHEAD_BYTES, Event, EventType
+from gateway.providers.base import Delta, Finish, Provider, ToolCallDelta, Usage
 from gateway.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -30,11 +33,6 @@ log = logging.getLogger(__name__)
 StopCause = Literal["client_disconnected", "cancelled", "shutdown"]
 #: Delivers token events synchronously to a caught-up reader; False: not now.
 Push = Callable[[list[Event]], bool]
-
-
-def estimate_prompt_tokens(request: GenerationRequest) -> int:
-    """About four characters a token, at least one per message."""
-    return sum(max(1, math.ceil(len(m.content) / 4)) for m in request.chat)
 
 
 class Generation:
@@ -76,6 +74,9 @@ class Generation:
         #: Set by a shared log: whether readers on other replicas are attached.
         self.remote_watchers: Callable[[str], Awaitable[bool]] | None = None
         self._grace_check: asyncio.Task[None] | None = None
+        #: Names of the functions the model called, in order (for logs and metrics).
+        self.tool_calls: list[str] = []
+        self.reasoning_events = 0
 
     # -- lifecycle --------------------------------------------------------
 
@@ -124,14 +125,17 @@ class Generation:
             # response) runs now, not when the generator is collected.
             async with aclosing(self.provider.stream(self.request)) as items:
                 async for item in items:
-                    if item.__class__ is str:
+                    kind = item.__class__
+                    if kind is str:
                         if item:
-                            self._append_tokens((item,))
-                    elif isinstance(item, Finish):
-                        finish = item
+                            self._append_tokens((item,))  # type: ignore[arg-type]
+                    elif kind is list:
+                        self._append_tokens(item)  # type: ignore[arg-type]
+                    elif kind is Finish:
+                        finish = item  # type: ignore[assignment]
                         break
                     else:
-                        self._append_tokens(item)  # type: ignore[arg-type]
+                        self._append_deltas(item if kind is tuple else (item,))  # type: ignore[arg-type]
             if finish is None:
                 raise UpstreamError("upstream ended the stream without a finish reason")
             self._final_usage = finish.usage
@@ -171,7 +175,7 @@ class Generation:
         return (self._final_usage or self._usage()).total_tokens
 
     def _usage(self) -> Usage:
-        return Usage(estimate_prompt_tokens(self.request), self.completion_tokens)
+        return Usage(self.request.prompt_tokens_estimate, self.completion_tokens)
 
     # -- the log ------------------------------------------------------------
 
@@ -195,6 +199,31 @@ class Generation:
                 self.on_append(self, event)
         self._wake(added)
 
+    def _append_deltas(self, deltas: Sequence[Delta]) -> None:
+        """Events for a read that brought reasoning or tool-call deltas, in upstream order."""
+        seq = len(self.events)
+        added: list[Event] = []
+        for delta in deltas:
+            if isinstance(delta, str):
+                if delta:
+                    added.append(Event.token(self.id, seq + len(added), delta))
+                continue
+            if isinstance(delta, ToolCallDelta):
+                if delta.name is not None:
+                    self.tool_calls.append(delta.name)
+            else:
+                self.reasoning_events += 1
+            kind: EventType = "tool_call" if isinstance(delta, ToolCallDelta) else "reasoning"
+            added.append(Event(self.id, kind, seq + len(added), delta.fields()))
+        if not added:
+            return
+        self.events.extend(added)
+        self.size_bytes += sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
+        if self.on_append is not None:
+            for event in added:
+                self.on_append(self, event)
+        self._wake(added)
+
     def _wake(self, added: list[Event]) -> None:
         """Push tokens to caught-up pushing readers; wake every other waiting one.
 
@@ -206,7 +235,7 @@ class Generation:
         if not waiting:
             return
         self._waiting = still = []
-        pushable = added[-1].type == "token"
+        pushable = added[-1].type in DELTA_TYPES
         for subscription in waiting:
             waiter = subscription._waiter
             if waiter is None or waiter.done():  # its reader was cancelled

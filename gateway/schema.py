@@ -19,17 +19,23 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.chat import (
+    MAX_TEXT_CHARS,
+    MAX_TOOLS,
+    Message,
+    NamedToolChoice,
+    ReasoningEffort,
+    ResponseFormat,
+    Tool,
+    ToolChoice,
+    estimate_prompt_tokens,
+)
 from gateway.errors import InvalidRequest
 
-Role = Literal["system", "developer", "user", "assistant", "tool"]
-MAX_TEXT_CHARS = 1_000_000
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    role: Role
-    content: str = Field(max_length=MAX_TEXT_CHARS)
+#: Request fields an OpenAI-compatible upstream receives exactly as the client sent them.
+FORWARDED_FIELDS: frozenset[str] = frozenset(
+    {"tools", "tool_choice", "parallel_tool_calls", "response_format", "reasoning_effort"}
+)
 
 
 class GenerationRequest(BaseModel):
@@ -46,6 +52,11 @@ class GenerationRequest(BaseModel):
     stop: tuple[str, ...] = Field(default=(), max_length=4)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     on_disconnect: Literal["cancel", "finish"] = "cancel"
+    tools: tuple[Tool, ...] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     # Not client fields: set by the gateway, read by upstream providers.
     _passthrough: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -92,11 +103,33 @@ class GenerationRequest(BaseModel):
             object.__setattr__(self, "messages", (user,))
         return self
 
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> GenerationRequest:
+        """OpenAI's rules: choosing among tools needs tools, and a named one must be there."""
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise ValueError("tool_choice: only allowed when `tools` are given")
+            if self.parallel_tool_calls is not None:
+                raise ValueError("parallel_tool_calls: only allowed when `tools` are given")
+        elif isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if all(tool.function.name != name for tool in self.tools):
+                raise ValueError(f"tool_choice: names {name!r}, which is not in `tools`")
+        return self
+
     @property
     def chat(self) -> tuple[Message, ...]:
         """The conversation; never None after validation."""
         assert self.messages is not None
         return self.messages
+
+    @property
+    def prompt_tokens_estimate(self) -> int:
+        return estimate_prompt_tokens(self.chat, self.tools)
+
+    def forwarded_fields(self) -> dict[str, Any]:
+        """The tool and output-shape fields the client set, as it sent them."""
+        return self.model_dump(include=FORWARDED_FIELDS, exclude_unset=True)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -110,8 +110,17 @@ def chunks_as_events(parser: SseParser) -> Events:
             continue
         assert chunk["object"] == "chat.completion.chunk"
         for choice in chunk["choices"]:
-            if choice["delta"].get("content"):
-                events.append({"type": "token", "text": choice["delta"]["content"]})
+            delta = choice["delta"]
+            if delta.get("reasoning_content"):
+                events.append({"type": "reasoning", "text": delta["reasoning_content"]})
+            if delta.get("content"):
+                events.append({"type": "token", "text": delta["content"]})
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function", {})
+                fields = {"index": call["index"], "arguments": function.get("arguments", "")}
+                if "id" in call:
+                    fields |= {"id": call["id"], "name": function["name"]}
+                events.append({"type": "tool_call", **fields})
             finish = choice["finish_reason"] or finish
         usage = chunk.get("usage") or usage
     if finish is not None:
@@ -708,32 +717,57 @@ async def two_tokens_then_an_error(
     return events, error
 
 
+def tool_calls_of(events: Events) -> dict[int, dict[str, str]]:
+    """The calls assembled from `tool_call` fragments, by index."""
+    calls: dict[int, dict[str, str]] = {}
+    for event in events:
+        if event["type"] == "tool_call":
+            call = calls.setdefault(event["index"], {"arguments": ""})
+            for name in ("id", "name"):
+                if name in event:
+                    assert name not in call, f"{name} on a later fragment"
+                    call[name] = event[name]
+            call["arguments"] += event["arguments"]
+    return calls
+
+
 @pytest.mark.parametrize("transport", STREAMING)
-async def test_a_tool_call_is_an_explicit_error_not_a_silent_end(
+async def test_text_then_a_tool_call_reach_every_transport_in_order(
     start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str
 ) -> None:
-    """Tool calls are not forwarded yet. Ending with `stop` would tell the client the
-    model had finished, when it waits for a function's result: it gets an error."""
+    """The model writes, then calls a function: the client gets both, and a
+    `tool_calls` finish that tells it to run the function (not `stop`)."""
     fake_upstream.tool_call_after = 2
-    events, error = await two_tokens_then_an_error(start_gateway, fake_upstream, transport)
-    assert "tool call" in error["message"]
+    model = openai_model(fake_upstream.base_url, max_retries=3, fallbacks=["sim-1"])
+    events = await STREAMING[transport](await gateway(start_gateway, model))
+    assert [e["type"] for e in events[-4:]] == ["token", "tool_call", "tool_call", "done"]
+    assert [e["text"] for e in events if e["type"] == "token"] == ["Hel", "lo"]
+    call = {"id": "call_1", "name": "get_weather", "arguments": '{"city":"Oslo"}'}
+    assert tool_calls_of(events) == {0: call}
+    assert events[-1]["finish_reason"] == "tool_calls"
     if transport != "openai":
         assert_well_formed(events)
-        assert error["retryable"] is False
-    assert len(fake_upstream.requests) == 1  # neither retried nor handed to the fallback
+    assert len(fake_upstream.requests) == 1
 
 
-async def test_a_tool_call_before_any_text_is_a_502_on_the_openai_route(
+async def test_a_tool_call_before_any_text_streams_on_the_openai_route(
     start_gateway: StartGateway, fake_upstream: FakeUpstream
 ) -> None:
+    """It was a 502 while tool calls were not forwarded: now the SDK gets the call."""
     fake_upstream.tool_call_after = 0
     server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
-    url = server.make_url("/v1/chat/completions")
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=chat_body(BODY, True), headers=AUTH) as response:
-            assert response.status == 502
-            error = (await response.json())["error"]
-    assert "tool call" in error["message"]
+    sdk = openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0
+    )
+    async with sdk:
+        hello = [{"role": "user", "content": "Say hello"}]
+        answer = await sdk.chat.completions.create(model="gpt", messages=hello)  # type: ignore[arg-type]
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert message.tool_calls is not None and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert call.function.arguments == '{"city":"Oslo"}'  # type: ignore[union-attr]
 
 
 async def test_a_mid_stream_failure_fails_a_non_streaming_completion(
@@ -780,7 +814,8 @@ async def test_the_chat_body_reaches_the_upstream_with_unknown_fields_unchanged(
     start_gateway: StartGateway, fake_upstream: FakeUpstream
 ) -> None:
     headers = {"OpenAI-Organization": "org-test"}
-    model = openai_model(fake_upstream.base_url, headers=headers)
+    passthrough = ["logprobs", "top_logprobs", "user", "metadata"]
+    model = openai_model(fake_upstream.base_url, headers=headers, passthrough=passthrough)
     server = await gateway(start_gateway, model)
     tools = [
         {
@@ -794,7 +829,17 @@ async def test_the_chat_body_reaches_the_upstream_with_unknown_fields_unchanged(
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "rain"},
     ]
     unknown = {

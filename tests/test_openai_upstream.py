@@ -232,7 +232,7 @@ async def test_the_key_and_request_id_and_unknown_fields_reach_the_upstream(
     start_gateway: StartGateway, upstream: tuple[FakeOpenAI, str]
 ) -> None:
     fake, base_url = upstream
-    server = await gateway(start_gateway, base_url)
+    server = await gateway(start_gateway, base_url, passthrough=["logprobs"])
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     body = {
         "model": "gpt",

@@ -1,9 +1,13 @@
 """The seam between the generation core and an upstream model.
 
-A provider turns a request into an async iterator of text deltas followed by
-exactly one `Finish`. Deltas that arrived together may come as one list of
-non-empty strings: the generation logs them with one wake-up of its readers,
-which a fast upstream (dozens of chunks per read) needs.
+A provider turns a request into an async iterator of deltas followed by
+exactly one `Finish`. A text delta is a plain `str`; the model's visible
+thinking is a `Reasoning` and a fragment of a function call a
+`ToolCallDelta`. Deltas that arrived together come as one batch: a `list`
+of non-empty strings when they are all text (the per-token fast path: the
+generation logs them with one wake-up of its readers, which a fast upstream
+sending dozens of chunks per read needs), else a `tuple` of any deltas, in
+the order the upstream sent them.
 
 It never sees clients or transports: the generation core owns its task and
 closes it by cancellation, so a provider must release its upstream connection
@@ -14,11 +18,46 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from gateway.schema import GenerationRequest
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """A delta of the model's visible thinking (`delta.reasoning_content` upstream)."""
+
+    text: str
+    type: ClassVar[str] = "reasoning"
+
+    def fields(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of function call `index`; its first fragment carries `id` and `name`."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+    type: ClassVar[str] = "tool_call"
+
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            fields["id"] = self.id
+        if self.name is not None:
+            fields["name"] = self.name
+        fields["arguments"] = self.arguments
+        return fields
+
+
+#: What one batch may hold besides plain text.
+Delta = str | Reasoning | ToolCallDelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +85,18 @@ class Finish:
     usage: Usage
 
 
+#: One item of a provider stream: a delta, a batch of deltas, or the closing `Finish`.
+Item = str | list[str] | tuple[Delta, ...] | Reasoning | ToolCallDelta | Finish
+
+
 class Provider(Protocol):
     """An upstream model. Failures are raised as `gateway.errors.UpstreamError`."""
 
     #: The fixed `provider` metric label (`simulated`, `openai`).
     kind: str
 
-    def stream(self, request: GenerationRequest) -> AsyncGenerator[str | list[str] | Finish, None]:
-        """Yield text deltas (one, or a list of those that arrived together), then one `Finish`."""
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
+        """Yield deltas (one, or a batch of those that arrived together), then one `Finish`."""
         ...
 
     async def aclose(self) -> None:

@@ -17,7 +17,6 @@ closes the HTTP response, which closes the upstream TCP connection.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -29,7 +28,8 @@ from yarl import URL
 from gateway.config import OpenAIModel
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.events import dumps_compact
-from gateway.providers.base import Finish, FinishReason, Usage
+from gateway.providers.base import Delta, Finish, Item, Usage
+from gateway.providers.openai_deltas import DeltaReader
 from gateway.schema import GenerationRequest
 
 #: Status codes worth another try before the first token (as the SDK's own policy).
@@ -103,7 +103,8 @@ class OpenAIProvider:
         extra: dict[str, Any] = dict(request.passthrough)
         body: dict[str, Any] = {
             "model": self._model.upstream_model or self._model.name,
-            "messages": extra.pop("messages", None) or [m.model_dump() for m in request.chat],
+            "messages": [m.for_upstream() for m in request.chat],
+            **request.forwarded_fields(),
             "stream": True,
             "stream_options": {**extra.pop("stream_options", {}), "include_usage": True},
         }
@@ -112,7 +113,7 @@ class OpenAIProvider:
         for name in ("temperature", "top_p"):
             if name in request.model_fields_set:
                 body[name] = getattr(request, name)
-        if request.max_tokens is not None:
+        if request.max_tokens is not None and "max_completion_tokens" not in extra:
             body["max_tokens"] = request.max_tokens
         if request.stop:
             body["stop"] = list(request.stop)
@@ -122,7 +123,7 @@ class OpenAIProvider:
             extra.pop(name, None)
         return {**extra, **body}
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Item]:
         # Right-sized: the body lives as long as the stream (10,000 streams
         # held 34 MB of orjson's 4 KiB buffers, tracemalloc under S5's load).
         body = dumps_compact(self._body(request))
@@ -159,20 +160,23 @@ class OpenAIProvider:
 
     async def _read(
         self, content: aiohttp.StreamReader, request: GenerationRequest
-    ) -> AsyncIterator[str | list[str] | Finish]:
-        """Parse `data:` lines; yield the text deltas of each read, then one `Finish`.
+    ) -> AsyncIterator[Item]:
+        """Parse `data:` lines; yield the deltas of each read, then one `Finish`.
 
         Lines are split here from whatever each read returns (a fast upstream
         sends dozens of events per read), with no generator layer in between:
-        this loop runs once per upstream chunk. A line over `MAX_LINE_BYTES`
-        fails the stream, so an upstream that never sends a newline cannot
-        grow our memory without end.
+        this loop runs once per upstream chunk. A read of plain text yields a
+        `list[str]` (or one `str`); only a delta with more than text in it
+        (reasoning, a tool call …) goes through `DeltaReader`. A line over
+        `MAX_LINE_BYTES` fails the stream, so an upstream that never sends a
+        newline cannot grow our memory without end.
         """
         finish_reason: str | None = None
         usage: Usage | None = None
         deltas = 0
         rest = b""
         ended = False
+        others = DeltaReader(self._label)
         while not ended:
             data = await content.readany()
             if not data:
@@ -181,39 +185,39 @@ class OpenAIProvider:
                 data = b"\n"  # the last line had no newline
             lines = (rest + data).split(b"\n") if rest else data.split(b"\n")
             rest = lines.pop()
-            texts: list[str] = []
+            texts: list[Delta] = []
+            mixed = False
             failure: UpstreamError | None = None
-            for line in lines:
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, `event:` lines
-                payload = line[5:].strip()  # also a `\r` of CRLF line ends
-                if payload == b"[DONE]":
-                    ended = True
-                    break
-                try:
-                    chunk = self._parse(payload)
-                except UpstreamError as exc:
-                    failure = exc  # after the deltas before it
-                    break
-                if "usage" in chunk:
-                    usage = _usage(chunk["usage"]) or usage
-                for choice in chunk.get("choices") or ():
-                    if choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content")
-                    if text:
-                        texts.append(text)
-                    if "tool_calls" in delta or "function_call" in delta:
-                        failure = self._tool_call_error()
+            try:
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    payload = line[5:].strip()  # also a `\r` of CRLF line ends
+                    if payload == b"[DONE]":
+                        ended = True
                         break
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                if failure is not None:
-                    break
+                    chunk = self._parse(payload)
+                    if "usage" in chunk:
+                        usage = _usage(chunk["usage"]) or usage
+                    for choice in chunk.get("choices") or ():
+                        if choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
+                        if len(delta) > ("role" in delta) + (text is not None):
+                            mixed = others.read(delta, texts) or mixed  # more than text
+                        elif text:
+                            texts.append(text)
+                        finish_reason = choice.get("finish_reason") or finish_reason
+            except UpstreamError as exc:
+                failure = exc  # raised after the deltas before it are out
             if texts:
                 # What one read brought is logged, woken and written as one batch.
                 deltas += len(texts)
-                yield texts[0] if len(texts) == 1 else texts
+                if mixed:
+                    yield tuple(texts)
+                else:
+                    yield texts[0] if len(texts) == 1 else texts  # type: ignore[misc]
             if failure is not None:
                 raise failure
             if len(rest) > MAX_LINE_BYTES:
@@ -221,23 +225,8 @@ class OpenAIProvider:
         if finish_reason is None:
             raise UpstreamError(f"{self._label} ended the stream without a finish reason")
         if usage is None:  # servers that ignore stream_options
-            prompt = sum(max(1, math.ceil(len(m.content) / 4)) for m in request.chat)
-            usage = Usage(prompt, deltas)
-        if finish_reason in ("tool_calls", "function_call"):
-            raise self._tool_call_error()
-        reason: FinishReason = (
-            finish_reason if finish_reason in ("length", "content_filter") else "stop"  # type: ignore[assignment]
-        )
-        yield Finish(reason, usage)
-
-    def _tool_call_error(self) -> UpstreamError:
-        """Tool calls are not forwarded yet: say so, rather than end the stream as if
-        the model had finished its text (it is waiting for the function's result)."""
-        return UpstreamError(
-            f"{self._label} answered with a tool call, which this gateway does not forward yet",
-            retryable=False,
-            fallback=False,
-        )
+            usage = Usage(request.prompt_tokens_estimate, deltas)
+        yield Finish(others.finish_reason(finish_reason), usage)
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
         try:

@@ -2,24 +2,43 @@
 
 Load tests, demos and the contract suite need an upstream that is free, fast to
 start and reproducible, yet looks like a real one on the wire: word-piece
-deltas with Unicode and emoji, pacing, `stop`, `max_tokens`, usage, failures.
+deltas with Unicode and emoji, pacing, `stop`, `max_tokens`, usage, failures,
+and, like the models agents run on, thinking before the answer and tool calls
+(`simulated_agent.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import os
 import random
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from itertools import chain, islice
 
+import orjson
+
+from gateway.chat import Message, Tool
 from gateway.config import SimulatedModel
 from gateway.errors import UpstreamError
-from gateway.providers.base import Finish, FinishReason, Usage
-from gateway.schema import GenerationRequest, Message
+from gateway.providers.base import (
+    Delta,
+    Finish,
+    FinishReason,
+    Item,
+    Reasoning,
+    ToolCallDelta,
+    Usage,
+)
+from gateway.providers.simulated_agent import (
+    arguments_for,
+    call_id,
+    chosen_tools,
+    thoughts,
+    tool_result,
+)
+from gateway.schema import GenerationRequest
 
 _INTROS = (
     "{Topic} is easier to reason about once you separate what is stored from how it is read.",
@@ -146,6 +165,13 @@ class _Composer:
         self._topic = topic or rng.choice(_FALLBACK_TOPICS)
         self._terms = [*terms, *_FALLBACK_TERMS]
 
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    def closing(self, shape: random.Random) -> list[str]:
+        return _tokenize("\n\n" + self._fill(shape.choice(_CLOSINGS), shape))
+
     def _fill(self, template: str, rng: random.Random | None = None) -> str:
         term = (rng or self._rng).choice(self._terms)
         topic = self._topic
@@ -175,7 +201,7 @@ class _Composer:
     def natural(self, shape: random.Random) -> list[str]:
         """A complete answer of 100..400 deltas that ends with a closing sentence."""
         target = shape.randint(_NATURAL_MIN, _NATURAL_MAX)
-        closing = _tokenize("\n\n" + self._fill(shape.choice(_CLOSINGS), shape))
+        closing = self.closing(shape)
         tokens: list[str] = []
         for unit in self.units():
             enough = len(tokens) + len(closing) >= _NATURAL_MIN
@@ -253,26 +279,25 @@ class _Pacer:
 
 
 def _rngs(request: GenerationRequest) -> tuple[random.Random, random.Random]:
-    """Text and shape generators seeded from (seed, messages) with a stable, unsalted hash."""
+    """Text and shape generators seeded from (seed, messages, tools), stably and unsalted."""
     digest = hashlib.blake2b(digest_size=32)
     seed = os.urandom(16) if request.seed is None else f"seed:{request.seed}".encode()
     digest.update(seed)
     for message in request.chat:
-        content = message.content.encode("utf-8", "surrogatepass")
+        content = message.text.encode("utf-8", "surrogatepass")
         digest.update(f"\0{message.role}:{len(content)}:".encode() + content)
+        if message.tool_calls or message.tool_call_id:
+            digest.update(orjson.dumps(message.for_upstream()))
+    if request.tools:
+        digest.update(orjson.dumps(request.forwarded_fields()))
     raw = digest.digest()
     return random.Random(int.from_bytes(raw[:16])), random.Random(int.from_bytes(raw[16:]))
 
 
 def _prompt_text(chat: tuple[Message, ...]) -> str:
     """The start of the last user message: what the answer talks about (bounded CPU)."""
-    text = next((m.content for m in reversed(chat) if m.role == "user"), chat[-1].content)
+    text = next((m.text for m in reversed(chat) if m.role == "user"), chat[-1].text)
     return text[:_PROMPT_SCAN_CHARS]
-
-
-def _prompt_tokens(chat: tuple[Message, ...]) -> int:
-    """About four characters per token, and at least one per message."""
-    return sum(max(1, math.ceil(len(m.content) / 4)) for m in chat)
 
 
 class SimulatedProvider:
@@ -286,24 +311,68 @@ class SimulatedProvider:
     async def aclose(self) -> None:
         """Nothing to release: no connections are held."""
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Finish]:
-        """Yield word-piece deltas at the model's pace, then one `Finish`."""
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Item]:
+        """Think (`reasoning_tokens`), then call tools or answer, at the model's pace.
+
+        `max_tokens` bounds the whole completion, thinking included, as it
+        does for OpenAI's reasoning models.
+        """
         text_rng, shape_rng = _rngs(request)
-        composer = _Composer(text_rng, _prompt_text(request.chat))
-        tokens: Iterable[str]
-        if request.max_tokens is None:
-            tokens = composer.natural(shape_rng)
+        prompt = _prompt_text(request.chat)
+        composer = _Composer(text_rng, prompt)
+        budget = request.max_tokens
+        pacer, emitted = _Pacer(self._model), 0
+        for delta in self._thinking(request, composer.topic, text_rng):
+            if budget is not None and emitted >= budget:
+                break
+            await pacer.wait()
+            self._check_failure(emitted)
+            emitted += 1
+            yield Reasoning(delta)
+        tools = chosen_tools(request)
+        stops = _StopFilter(request.stop)
+        ended: FinishReason = "stop"
+        if tools:
+            deltas: Iterable[Delta] = self._tool_calls(tools, prompt, composer.topic, text_rng)
+            ended = "tool_calls"
         else:
-            tokens = islice(chain.from_iterable(composer.units()), request.max_tokens)
-        stops, pacer, emitted = _StopFilter(request.stop), _Pacer(self._model), 0
-        for delta in stops.apply(tokens):
+            deltas = stops.apply(self._answer(request, composer, shape_rng))
+        for delta in deltas:
+            if budget is not None and emitted >= budget:
+                ended = "length"
+                break
             await pacer.wait()
             self._check_failure(emitted)
             emitted += 1
             yield delta
         self._check_failure(emitted)
-        ended: FinishReason = "length" if request.max_tokens and not stops.stopped else "stop"
-        yield Finish(ended, Usage(_prompt_tokens(request.chat), emitted))
+        yield Finish(ended, Usage(request.prompt_tokens_estimate, emitted))
+
+    def _thinking(self, request: GenerationRequest, topic: str, rng: random.Random) -> list[str]:
+        count = self._model.reasoning_tokens
+        if not count or request.reasoning_effort in ("none", "minimal"):
+            return []
+        return list(islice(chain.from_iterable(map(_tokenize, thoughts(rng, topic))), count))
+
+    def _tool_calls(
+        self, tools: list[Tool], prompt: str, topic: str, rng: random.Random
+    ) -> Iterator[ToolCallDelta]:
+        """Each call's first fragment (id, name, no arguments), then its argument fragments."""
+        for index, tool in enumerate(tools):
+            yield ToolCallDelta(index, "", id=call_id(rng), name=tool.function.name)
+            for piece in _tokenize(arguments_for(tool, prompt, topic)):
+                yield ToolCallDelta(index, piece)
+
+    def _answer(
+        self, request: GenerationRequest, composer: _Composer, shape: random.Random
+    ) -> Iterable[str]:
+        result = tool_result(request.chat)
+        if result is not None:
+            name, value = result
+            return _tokenize(f"The {name} tool returned {value}.") + composer.closing(shape)
+        if request.max_tokens is None:
+            return composer.natural(shape)
+        return chain.from_iterable(composer.units())
 
     def _check_failure(self, emitted: int) -> None:
         """Fail where the (N+1)th item would go, so exactly N deltas reach the client."""

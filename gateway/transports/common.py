@@ -16,7 +16,7 @@ from gateway.errors import (
     Overloaded,
     ShuttingDown,
 )
-from gateway.generation import Generation, estimate_prompt_tokens
+from gateway.generation import Generation
 from gateway.keys import (
     catalog_key,
     lifecycle_key,
@@ -117,7 +117,7 @@ async def start_generation(
     entry = request.app[catalog_key].resolve(body.model)
     caller = principal(request)
     default_reserve = request.app[settings_key].rate_limit.default_reserve_tokens
-    reserve = estimate_prompt_tokens(body) + (body.max_tokens or default_reserve)
+    reserve = body.prompt_tokens_estimate + (body.max_tokens or default_reserve)
     lease = await request.app[limiter_key].admit(caller.rate_key, caller.limits, reserve)
     body.for_upstream(request_id=request.get(request_id_key))
     return request.app[registry_key].start(

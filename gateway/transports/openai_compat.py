@@ -11,6 +11,7 @@ upstream at once on this route (grace 0): SDK users have no way to resume.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -19,10 +20,10 @@ from aiohttp import web
 from gateway.errors import GatewayError, InternalError, InvalidRequest, UpstreamError
 from gateway.events import Event
 from gateway.generation import Generation, Subscription
-from gateway.keys import settings_key
+from gateway.keys import catalog_key, settings_key
 from gateway.middleware import json_response
 from gateway.observe import end_stream, track_stream
-from gateway.schema import GenerationRequest, parse_generation_request
+from gateway.schema import FORWARDED_FIELDS, GenerationRequest, parse_generation_request
 from gateway.transports.common import (
     STREAM_HEADERS,
     finish_response,
@@ -35,7 +36,7 @@ from gateway.transports.sink import ClientGone, ClientSink
 WIRE_FORMAT = "openai"
 HEARTBEAT = b": ping\n\n"
 DONE_FRAME = b"data: [DONE]\n\n"
-#: Fields we interpret; everything else goes to an OpenAI-compatible upstream as is.
+#: OpenAI's chat fields this route interprets or forwards (as `GenerationRequest` fields).
 _OWN_FIELDS = frozenset(
     {
         "model",
@@ -49,64 +50,60 @@ _OWN_FIELDS = frozenset(
         "stream",
         "stream_options",
         "n",
+        *FORWARDED_FIELDS,
     }
 )
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+#: Generation knobs every OpenAI-compatible server knows: forwarded as given.
+_FORWARDED_AS_GIVEN = frozenset({"frequency_penalty", "presence_penalty", "logit_bias"})
+#: Fields that act on the operator's upstream account (storage, billing tier,
+#: end-user attribution): dropped unless the model's `passthrough` lists them.
+ACCOUNT_FIELDS = frozenset({"store", "metadata", "service_tier", "user"})
+_KNOWN_FIELDS = _OWN_FIELDS | _FORWARDED_AS_GIVEN | ACCOUNT_FIELDS
+_REQUEST_FIELDS = frozenset({"model", "temperature", "top_p", "stop", "seed", *FORWARDED_FIELDS})
 
 
-def _text_of(content: Any) -> str:
-    """The text of an OpenAI message `content`: a string, null, or a list of parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part.get("text", "")
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text", ""), str)
-        )
-    raise InvalidRequest("messages: content must be a string, null or a list of parts")
+def parse_chat_request(
+    data: dict[str, Any], passthrough_of: Callable[[Any], tuple[str, ...]]
+) -> tuple[GenerationRequest, bool, bool]:
+    """Our request, `stream`, and `stream_options.include_usage`, from an OpenAI body.
 
-
-def _messages(raw: Any) -> list[dict[str, str]]:
-    if not isinstance(raw, list) or not raw:
-        raise InvalidRequest("messages: a non-empty list is required")
-    messages = []
-    for index, message in enumerate(raw):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(f"messages.{index}: an object with a string `role` is required")
-        role = message["role"] if message["role"] in _ROLES else "tool"
-        messages.append({"role": role, "content": _text_of(message.get("content"))})
-    return messages
-
-
-def parse_chat_request(data: dict[str, Any]) -> tuple[GenerationRequest, bool, bool]:
-    """Our request, `stream`, and `stream_options.include_usage`, from an OpenAI body."""
+    `passthrough_of(model)` names the extra fields the model's operator lets
+    through. Any other field is a 400 naming it, as OpenAI answers: a field
+    silently ignored would change what the caller gets without telling them.
+    """
+    allowed = passthrough_of(data.get("model"))
+    for name in data:
+        if name not in _KNOWN_FIELDS and name not in allowed:
+            raise InvalidRequest(
+                f"{name}: unknown or unsupported request field (an operator may forward it"
+                " by listing it in the model's `passthrough`)"
+            )
     if data.get("n", 1) != 1:
         raise InvalidRequest("n: only 1 choice per request is supported")
     stream = data.get("stream", False)
     options = data.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise InvalidRequest("stream: must be a boolean; stream_options: an object")
-    body: dict[str, Any] = {"messages": _messages(data.get("messages"))}
-    for name in ("model", "temperature", "top_p", "stop", "seed"):
+    body: dict[str, Any] = {"messages": data.get("messages")}
+    for name in _REQUEST_FIELDS:
         if data.get(name) is not None:
             body[name] = data[name]
     max_tokens = data.get("max_completion_tokens", data.get("max_tokens"))
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     request = parse_generation_request(body)
-    passthrough = {k: v for k, v in data.items() if k not in _OWN_FIELDS}
-    passthrough["messages"] = data["messages"]
-    request.for_upstream(request_id=None, passthrough=passthrough)
+    extra = {k: data[k] for k in data if k in _FORWARDED_AS_GIVEN or k in allowed}
+    if "max_completion_tokens" in data:
+        # Reasoning models refuse `max_tokens`: send the name the client chose.
+        extra["max_completion_tokens"] = request.max_tokens
+    request.for_upstream(request_id=None, passthrough=extra)
     return request, stream, bool(options.get("include_usage"))
 
 
 def _finish_reason(event: Event) -> str:
     """OpenAI's reasons; our `cancelled` (the caller went away) has no equivalent."""
     reason = event.fields.get("finish_reason")
-    return reason if reason in ("length", "content_filter") else "stop"
+    return reason if reason in ("length", "content_filter", "tool_calls") else "stop"
 
 
 class ChunkEncoder:
@@ -125,21 +122,51 @@ class ChunkEncoder:
     def _frame(self, tail: bytes) -> bytes:
         return b"data: " + self._head + tail + b"\n\n"
 
-    def role(self) -> bytes:
+    def _delta(self, delta: bytes) -> bytes:
         return self._frame(
-            b',"system_fingerprint":null,"choices":[{"index":0,"delta":{"role":"assistant",'
-            b'"content":""},"logprobs":null,"finish_reason":null}]}'
+            b',"system_fingerprint":null,"choices":[{"index":0,"delta":%s,'
+            b'"logprobs":null,"finish_reason":null}]}' % delta
         )
+
+    def role(self) -> bytes:
+        return self._delta(b'{"role":"assistant","content":""}')
 
     def token(self, event: Event) -> bytes:
-        return self._frame(
-            b',"system_fingerprint":null,"choices":[{"index":0,"delta":{"content":%s},'
-            b'"logprobs":null,"finish_reason":null}]}' % event.text_json
-        )
+        return self._delta(b'{"content":%s}' % event.text_json)
 
-    def token_frame(self, event: Event) -> bytes:
-        """`token(event)`, cached on the event for the other readers of this generation."""
-        return event.encoded(WIRE_FORMAT, self.token)
+    def reasoning(self, event: Event) -> bytes:
+        return self._delta(b'{"reasoning_content":%s}' % event.text_json)
+
+    def tool_call(self, event: Event) -> bytes:
+        """OpenAI's shape: the call's first chunk names it with `arguments: ""`, then fragments."""
+        fields = event.fields
+        index, arguments = fields["index"], fields["arguments"]
+        frames = b""
+        if "id" in fields:
+            call = {
+                "index": index,
+                "id": fields["id"],
+                "type": "function",
+                "function": {"name": fields.get("name", ""), "arguments": ""},
+            }
+            frames = self._delta(orjson.dumps({"tool_calls": [call]}))
+            if not arguments:
+                return frames
+        fragment = {"index": index, "function": {"arguments": arguments}}
+        return frames + self._delta(orjson.dumps({"tool_calls": [fragment]}))
+
+    def _encode_delta(self, event: Event) -> bytes:
+        kind = event.type
+        if kind == "token":
+            return self.token(event)
+        if kind == "reasoning":
+            return self.reasoning(event)
+        return self.tool_call(event)
+
+    def delta_frame(self, event: Event) -> bytes:
+        """The frame of a token, reasoning or tool-call event, cached on the event
+        for the other readers of this generation."""
+        return event.encoded(WIRE_FORMAT, self._encode_delta)
 
     def finish(self, event: Event) -> bytes:
         return self._frame(
@@ -169,10 +196,16 @@ async def _first_batch(subscription: Subscription) -> list[Event]:
 
 
 def _raise_failure(generation: Generation) -> None:
-    """Re-raise the generation's failure as an HTTP error (headers not sent yet)."""
+    """Re-raise the generation's failure as an HTTP error (headers not sent yet).
+
+    A failure that would fail the same way again tells OpenAI SDKs not to
+    retry (`x-should-retry: false`, which they honour before the status).
+    """
     failure: GatewayError = generation.failure or InternalError("generation failed")
     if isinstance(failure, UpstreamError) and failure.retry_after_s is not None:
         failure.headers.setdefault("Retry-After", str(math.ceil(failure.retry_after_s)))
+    if not failure.retryable:
+        failure.headers.setdefault("x-should-retry", "false")
     raise failure
 
 
@@ -200,7 +233,7 @@ async def _stream(
                 heartbeat=HEARTBEAT,
                 heartbeat_s=streams.heartbeat_s,
             )
-            push = http_pusher(response, sink, tracker, encoder.token_frame)
+            push = http_pusher(response, sink, tracker, encoder.delta_frame)
             try:
                 async with sink:
                     out = [encoder.role()]
@@ -226,8 +259,8 @@ async def _stream(
 
 
 def _encode(encoder: ChunkEncoder, event: Event, include_usage: bool) -> bytes:
-    if event.type == "token":
-        return encoder.token_frame(event)
+    if not event.terminal:
+        return encoder.delta_frame(event)
     if event.type == "error":
         return error_frame(event)
     frames = encoder.finish(event)
@@ -247,7 +280,6 @@ async def _complete(request: web.Request, generation: Generation) -> web.Respons
         if terminal.type == "error":
             tracker.saw(terminal)
             _raise_failure(generation)
-        text = "".join(e.text for e in generation.events if e.type == "token")
         response = json_response(
             {
                 "id": "chatcmpl-" + generation.id.removeprefix("gen_"),
@@ -257,7 +289,7 @@ async def _complete(request: web.Request, generation: Generation) -> web.Respons
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": assembled_message(generation.events),
                         "logprobs": None,
                         "finish_reason": _finish_reason(terminal),
                     }
@@ -273,9 +305,51 @@ async def _complete(request: web.Request, generation: Generation) -> web.Respons
         end_stream(request, tracker, stalled=False)
 
 
+def assembled_message(events: list[Event]) -> dict[str, Any]:
+    """The non-streaming `message`: text, reasoning and tool calls joined from the log."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if event.type == "token":
+            text.append(event.text)
+        elif event.type == "reasoning":
+            reasoning.append(event.text)
+        elif event.type == "tool_call":
+            fields = event.fields
+            call = calls.get(fields["index"])
+            if call is None:
+                function = {"name": fields.get("name", ""), "arguments": ""}
+                call = {"id": fields.get("id", ""), "type": "function", "function": function}
+                calls[fields["index"]] = call
+            call["function"]["arguments"] += fields["arguments"]
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(text) if text or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    return message
+
+
+def _passthrough_of(request: web.Request) -> Callable[[Any], tuple[str, ...]]:
+    catalog = request.app[catalog_key]
+
+    def passthrough_of(model: Any) -> tuple[str, ...]:
+        if model is not None and not isinstance(model, str):
+            return ()  # the request's validation names the bad `model`
+        return catalog.resolve(model).passthrough
+
+    return passthrough_of
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
-    chat, stream, include_usage = parse_chat_request(await read_generation_body(request))
+    body = await read_generation_body(request)
+    chat, stream, include_usage = parse_chat_request(body, _passthrough_of(request))
     generation = await start_generation(request, chat, resume_grace_s=0)
     if stream:
         return await _stream(request, generation, include_usage)
