@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 
@@ -29,7 +30,7 @@ from gateway.keys import (
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_http import add_metrics_route
 from gateway.middleware import echo_request_id, error_middleware, request_id_middleware
-from gateway.observe import observe_middleware, record_status
+from gateway.observe import observe_generation, observe_middleware, record_status
 from gateway.ratelimit import make_limiter
 from gateway.registry import GenerationRegistry
 from gateway.shared_log import SharedLog
@@ -70,7 +71,9 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.streams.backend == "redis":
         shared_log = app[shared_log_key] = SharedLog(settings.redis.url, settings.streams)
         shared_log.start()
-    app[registry_key] = GenerationRegistry(settings.streams, shared_log)
+    metrics = app[metrics_key]
+    on_ended = partial(observe_generation, metrics) if metrics.enabled else None
+    app[registry_key] = GenerationRegistry(settings.streams, shared_log, on_ended)
     yield
     await app[registry_key].aclose()
     if shared_log is not None:

@@ -60,6 +60,10 @@ class BodyTooLarge(InvalidRequest):
     status = 413
 
 
+class UrlTooLong(InvalidRequest):
+    status = 414
+
+
 class BodyTimeout(InvalidRequest):
     """A body that trickles in (slowloris) holds a handler; it gets a deadline."""
 

@@ -101,6 +101,25 @@ class Generation:
         return self.events[-1].seq if self.finished else None
 
     @property
+    def finish_reason(self) -> str | None:
+        """The terminal event's finish reason, `error`, or None while it runs."""
+        if not self.finished:
+            return None
+        terminal = self.events[-1]
+        return "error" if terminal.type == "error" else terminal.fields["finish_reason"]
+
+    def tool_call_arguments(self) -> list[str]:
+        """Each call's whole arguments, by index (a scan of the log: call it at the end)."""
+        if not self.tool_calls:
+            return []
+        calls: dict[int, list[str]] = {}
+        for event in self.events:
+            if event.type == "tool_call":
+                fields = event.fields
+                calls.setdefault(fields["index"], []).append(fields["arguments"])
+        return ["".join(calls[index]) for index in sorted(calls)]
+
+    @property
     def completion_tokens(self) -> int:
         return len(self.events) - 1 if not self.finished else len(self.events) - 2
 

@@ -65,6 +65,10 @@ AUTH_REASONS: Final = (
     "query_not_allowed",
     "forbidden_origin",
 )
+#: How a generation ended: its finish reason, or `error`.
+FINISHES: Final = ("stop", "length", "tool_calls", "content_filter", "cancelled", "error")
+#: Whether a tool call's arguments parsed as JSON.
+ARGUMENTS: Final = ("valid", "invalid")
 #: Upstream request results that are not an HTTP status code.
 UPSTREAM_RESULTS: Final = ("connect_error", "timeout", "stream_error", "cancelled")
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -171,7 +175,7 @@ class GatewayMetrics:
         )
         self.tokens = Counter(
             "gateway_tokens_streamed_total",
-            "Token events written to clients.",
+            "Answer events (token, reasoning, tool_call) written to clients.",
             ["transport", "model"],
             **kw,
         )
@@ -231,6 +235,24 @@ class GatewayMetrics:
             "open-files limit allows if lower (0: none).",
             **kw,
         )
+        self.generations = Counter(
+            "gateway_generations_total",
+            "Generations by model and how they ended: finish reason, or error.",
+            ["model", "finish_reason"],
+            **kw,
+        )
+        self.tool_calls = Counter(
+            "gateway_tool_calls_total",
+            "Function calls the models made; arguments: valid or invalid (not a JSON object).",
+            ["model", "arguments"],
+            **kw,
+        )
+        self.reasoning_tokens = Counter(
+            "gateway_reasoning_tokens_total",
+            "Reasoning events (the models' visible thinking) appended to generation logs.",
+            ["model"],
+            **kw,
+        )
         self._transports = {t: self._transport_children(t) for t in TRANSPORTS}
         self._streams: dict[tuple[str, str], StreamChildren] = {}
         self._upstreams: dict[tuple[str, str], UpstreamChildren] = {}
@@ -241,6 +263,23 @@ class GatewayMetrics:
             for transport in TRANSPORTS:
                 self.stream(transport, model)
             self.upstream(provider, model)
+            for finish in FINISHES:
+                self.generations.labels(model, finish)
+            for arguments in ARGUMENTS:
+                self.tool_calls.labels(model, arguments)
+            self.reasoning_tokens.labels(model)
+
+    def generation_ended(
+        self, model: str, finish: str, arguments: Iterable[bool], reasoning: int
+    ) -> None:
+        """Once per generation: how it ended, its tool calls (argument validity), its thinking."""
+        if not self.enabled:
+            return
+        self.generations.labels(model, finish if finish in FINISHES else "stop").inc()
+        for valid in arguments:
+            self.tool_calls.labels(model, "valid" if valid else "invalid").inc()
+        if reasoning:
+            self.reasoning_tokens.labels(model).inc(reasoning)
 
     def _transport_children(self, transport: str) -> TransportChildren:
         return TransportChildren(

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from gateway.errors import GatewayError, error_body
+from gateway.errors import GatewayError, UrlTooLong, error_body
 from gateway.keys import request_id_key
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: A client's id is echoed only if harmless: no header or log-line injection.
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
+#: The longest URL (path and query) served; longer ones get a JSON 414. aiohttp
+#: reads request lines up to `READ_LINE_BYTES` (`gateway serve`), so that
+#: this check, not its parser's plain-text 400, answers the usual offenders:
+#: a chat history or a long prompt put in a GET query.
+MAX_URL_BYTES = 8190
+READ_LINE_BYTES = 64 * 1024
+
 _HTTP_CODES: dict[int, str] = {
     400: "invalid_request",
     401: "unauthorized",
     404: "invalid_request",
     405: "invalid_request",
     413: "invalid_request",
+    414: "invalid_request",
     429: "rate_limited",
     503: "shutting_down",
 }
@@ -70,6 +78,11 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn exceptions raised before streaming into OpenAI-shaped HTTP errors."""
     try:
+        if len(request.raw_path) > MAX_URL_BYTES:
+            raise UrlTooLong(
+                f"the URL is over {MAX_URL_BYTES} bytes: send the request as a JSON body"
+                " (POST), not in the query"
+            )
         return await handler(request)
     except GatewayError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.headers)

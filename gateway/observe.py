@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from gateway.auth import client_ip
@@ -27,11 +28,13 @@ from gateway.keys import (
     request_id_key,
     settings_key,
 )
-from gateway.metrics import Outcome, StreamChildren, Transport
+from gateway.metrics import GatewayMetrics, Outcome, StreamChildren, Transport
 from gateway.middleware import Handler
 
 access_log = logging.getLogger("gateway.access")
 
+#: Function names listed in one access-log line at most.
+_LOGGED_TOOL_CALLS = 16
 #: How many tokens a stream writes between updates of the tokens counter.
 _COUNT_EVERY = 16
 
@@ -52,6 +55,21 @@ def outcome_of(terminal: Event, generation: Generation) -> Outcome:
     if terminal.fields.get("finish_reason") == "cancelled":
         return _STOP_OUTCOMES.get(generation.stop_cause, "cancelled")
     return "completed"
+
+
+def observe_generation(metrics: GatewayMetrics, generation: Generation) -> None:
+    """Once per generation, whatever the transports: how it ended, its tool calls, its thinking."""
+    valid = (_is_json_object(arguments) for arguments in generation.tool_call_arguments())
+    metrics.generation_ended(
+        generation.model, generation.finish_reason or "error", valid, generation.reasoning_events
+    )
+
+
+def _is_json_object(arguments: str) -> bool:
+    try:
+        return isinstance(orjson.loads(arguments), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 class StreamTracker:
@@ -164,16 +182,24 @@ class StreamTracker:
 
     def fields(self) -> dict[str, Any]:
         """This stream's part of an access-log line."""
-        return {
+        generation = self.generation
+        fields = {
             "transport": self.transport,
-            "model": self.generation.model,
-            "generation_id": self.generation.id,
+            "model": generation.model,
+            "generation_id": generation.id,
             "outcome": self.outcome,
             "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 1),
             "tokens": self.tokens,
             "bytes": self.bytes,
             "resumed": self.resumed,
         }
+        # What an agent's operator asks first: did it call tools, which, did it think.
+        tool_calls = getattr(generation, "tool_calls", None)
+        if tool_calls:
+            fields["tool_calls"] = tool_calls[:_LOGGED_TOOL_CALLS]
+        if getattr(generation, "reasoning_events", 0):
+            fields["reasoning_tokens"] = generation.reasoning_events
+        return fields
 
 
 @dataclass(slots=True)

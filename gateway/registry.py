@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 
 from gateway.config import StreamSettings
 from gateway.errors import GatewayError, GenerationNotFound
@@ -30,8 +31,14 @@ def new_generation_id() -> str:
 class GenerationRegistry:
     """Maps unguessable ids to running and recently finished generations."""
 
-    def __init__(self, settings: StreamSettings, shared_log: SharedLog | None = None) -> None:
+    def __init__(
+        self,
+        settings: StreamSettings,
+        shared_log: SharedLog | None = None,
+        on_ended: Callable[[Generation], None] | None = None,
+    ) -> None:
         self._settings = settings
+        self._on_ended = on_ended
         self._shared_log = shared_log
         self._running: dict[str, Generation] = {}
         self._finished: OrderedDict[str, Generation] = OrderedDict()
@@ -98,6 +105,8 @@ class GenerationRegistry:
 
     def _retain(self, generation: Generation) -> None:
         self._running.pop(generation.id, None)
+        if self._on_ended is not None:
+            self._on_ended(generation)
         if not self._running:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:

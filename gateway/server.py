@@ -20,6 +20,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.drain import drain
 from gateway.keys import stream_cap_key
+from gateway.middleware import READ_LINE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ async def run(settings: Settings) -> None:
         access_log=None,
         shutdown_timeout=FINAL_SHUTDOWN_S,
         keepalive_timeout=settings.server.idle_timeout_s,
+        max_line_size=READ_LINE_BYTES,
     )
     await runner.setup()
     signals = Signals()

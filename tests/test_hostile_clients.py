@@ -334,14 +334,23 @@ async def test_junk_bodies_get_the_contract_error(
 ) -> None:
     async with aiohttp.ClientSession() as session:
         for route in ("/v1/stream/chunked", "/v1/stream/sse", "/v1/chat/completions"):
-            if route == "/v1/chat/completions" and b"wizard" in body:
-                continue  # OpenAI's route forwards roles it does not know; the upstream judges
             headers = {"Content-Type": "application/json"}
             data = io.BytesIO(body)  # aiohttp warns about large raw bytes bodies
             async with session.post(gateway.url + route, data=data, headers=headers) as response:
                 assert response.status == status, (route, await response.text())
                 error = (await response.json())["error"]
                 assert error["code"] in ERROR_CODES and error["message"]
+
+
+@pytest.mark.parametrize("size", [9_000, 60_000])
+async def test_a_too_long_url_gets_a_json_414(gateway: GatewayProcess, size: int) -> None:
+    """A chat history in a GET query: the contract's error, not aiohttp's plain-text 400."""
+    url = gateway.url + "/v1/stream/sse?prompt=" + "a" * size
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            assert response.status == 414, await response.text()
+            error = (await response.json())["error"]
+    assert error["code"] == "invalid_request" and "JSON body" in error["message"]
 
 
 @pytest.mark.parametrize(

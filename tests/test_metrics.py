@@ -664,3 +664,50 @@ async def test_max_streams_sheds_new_streams_with_503(start_gateway: StartGatewa
 
 async def _no_running(app: Any) -> bool:
     return app[registry_key].running == 0
+
+
+# -- agents: tool calls and reasoning ---------------------------------------------
+
+THINKER = {**FAST_MODEL, "name": "thinker", "reasoning_tokens": 7}
+CALCULATE = {
+    "type": "function",
+    "function": {
+        "name": "calculate",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}
+
+
+async def test_tool_calls_reasoning_and_finish_reasons_are_counted_and_logged(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once per generation (not per reader), by model: how it ended, the calls it made
+    and whether their arguments parse, how much it thought; the access line names the calls."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    server = await start_gateway(models=[*MODELS, THINKER])
+    before = await scrape(server)
+    tool_request = {"prompt": "Calculate 17 * 23", "model": "thinker", "tools": [CALCULATE]}
+    async with aiohttp.ClientSession() as session:
+        events = await chunked(session, server, **tool_request)
+        await chunked(session, server, prompt="x", model="thinker", max_tokens=10)
+        await chunked(session, server, prompt="x", model="broken")
+    assert events[-1]["finish_reason"] == "tool_calls"
+    delta = Deltas(before, await settled(server))
+    assert delta("gateway_generations_total", model="thinker", finish_reason="tool_calls") == 1
+    assert delta("gateway_generations_total", model="thinker", finish_reason="length") == 1
+    assert delta("gateway_generations_total", model="broken", finish_reason="error") == 1
+    assert delta("gateway_tool_calls_total", model="thinker", arguments="valid") == 1
+    assert delta("gateway_tool_calls_total", model="thinker", arguments="invalid") == 0
+    assert delta("gateway_reasoning_tokens_total", model="thinker") == 7 + 7
+    # Every delta a client was sent counts as streamed: thinking and call fragments too.
+    answer_events = len(events) - 2
+    assert delta("gateway_tokens_streamed_total", transport="chunked", model="thinker") == (
+        answer_events + 10
+    )
+    line = next(r for r in access_lines(caplog) if getattr(r, "tool_calls", None))
+    assert vars(line)["tool_calls"] == ["calculate"]
+    assert vars(line)["reasoning_tokens"] == 7
