@@ -144,10 +144,17 @@ class Authenticator:
             return str(cookies[self._auth.cookie])
         return None
 
+    @property
+    def _nothing_to_check(self) -> bool:
+        """Anonymous with no key and no JWT configured (the loopback default)."""
+        return self._auth.anonymous and not self._keys and self._auth.jwt is None
+
     async def authenticate(
         self, token: str | None, remote: str | None, xff: str | None
     ) -> Principal:
-        if token is None:
+        if token is None or self._nothing_to_check:
+            # With no credential configured a bearer is ignored: OpenAI SDKs
+            # insist on sending a key, and there is none to check it against.
             if not self._auth.anonymous:
                 raise Unauthorized(
                     "a credential is required: send Authorization: Bearer <key>", "missing"

@@ -44,12 +44,20 @@ class ContentPart(BaseModel):
         return self
 
 
-class FunctionCall(_Shape):
+class _Echoed(BaseModel):
+    """A shape SDKs send back as they received it, fields of their own included
+    (the `index` of a streamed call, `parsed`, `annotations`): checked where it
+    matters, the rest forwarded for the upstream to judge."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class FunctionCall(_Echoed):
     name: str = Field(min_length=1, max_length=64)
     arguments: str = Field(max_length=MAX_TEXT_CHARS)
 
 
-class ToolCall(_Shape):
+class ToolCall(_Echoed):
     """A call an assistant message made, sent back with the conversation."""
 
     id: str = Field(min_length=1, max_length=256)
@@ -57,18 +65,15 @@ class ToolCall(_Shape):
     function: FunctionCall
 
 
-class Message(_Shape):
+class Message(_Echoed):
     role: Role
     content: str | tuple[ContentPart, ...] | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     name: str | None = Field(default=None, max_length=256)
     tool_calls: tuple[ToolCall, ...] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
-    # What SDKs echo back when an agent appends the answer they received.
     refusal: str | None = None
     reasoning_content: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     reasoning: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
-    annotations: tuple[dict[str, Any], ...] | None = None
-    audio: dict[str, Any] | None = None
     function_call: dict[str, Any] | None = None
 
     @model_validator(mode="after")

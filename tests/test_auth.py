@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -327,6 +328,29 @@ async def test_anonymous_gateway_still_refuses_a_wrong_credential(
     if path not in {"/v1/stream/ws", "/v1/tickets"}:
         status, _, raw = await fetch(server, method, path, body=body)
         assert status < 400, raw
+
+
+async def test_with_no_credential_configured_a_bearer_is_ignored(
+    start_gateway: StartGateway,
+) -> None:
+    """The loopback default: an OpenAI SDK must send some key, and any works."""
+    server = await start_gateway(auth={"anonymous": True, "api_keys": [], "jwt": None})
+    sdk = openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key="sk-anything", max_retries=0
+    )
+    async with sdk:
+        answer = await sdk.chat.completions.create(
+            model="sim-1", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+    assert answer.choices[0].finish_reason == "length"
+    status, _, raw = await fetch(
+        server,
+        "POST",
+        "/v1/stream/chunked",
+        headers=bearer(WRONG_KEY),
+        body={"prompt": "hi", "max_tokens": 2},
+    )
+    assert status == 200, raw
 
 
 async def test_probes_need_no_credential(start_gateway: StartGateway) -> None:

@@ -128,8 +128,12 @@ class ChunkEncoder:
             b'"logprobs":null,"finish_reason":null}]}' % delta
         )
 
-    def role(self) -> bytes:
-        return self._delta(b'{"role":"assistant","content":""}')
+    def role(self, first: Event | None) -> bytes:
+        """The opening delta. As OpenAI does, `content` is "" before text and null
+        before a tool call or thinking, so SDK helpers assemble the same message."""
+        if first is None or first.type == "token":
+            return self._delta(b'{"role":"assistant","content":""}')
+        return self._delta(b'{"role":"assistant","content":null}')
 
     def token(self, event: Event) -> bytes:
         return self._delta(b'{"content":%s}' % event.text_json)
@@ -236,7 +240,7 @@ async def _stream(
             push = http_pusher(response, sink, tracker, encoder.delta_frame)
             try:
                 async with sink:
-                    out = [encoder.role()]
+                    out = [encoder.role(batch[0] if batch else None)]
                     while True:
                         for event in batch:
                             out.append(_encode(encoder, event, include_usage))
