@@ -129,7 +129,7 @@ class GenerationRequest(BaseModel):
 
     def forwarded_fields(self) -> dict[str, Any]:
         """The tool and output-shape fields the client set, as it sent them."""
-        return self.model_dump(include=FORWARDED_FIELDS, exclude_unset=True)
+        return self.model_dump(include=set(FORWARDED_FIELDS), exclude_unset=True)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

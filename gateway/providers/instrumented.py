@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.metrics import UpstreamChildren
-from gateway.providers.base import Finish, Provider
+from gateway.providers.base import Finish, Item, Provider
 from gateway.schema import GenerationRequest
 
 
@@ -35,7 +35,7 @@ class InstrumentedProvider:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
         children = self._children
         started = time.monotonic()
         waiting_for_first = True

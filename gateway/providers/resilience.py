@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from gateway.errors import UpstreamError
-from gateway.providers.base import Finish, Provider
+from gateway.providers.base import Item, Provider
 from gateway.schema import GenerationRequest
 
 BACKOFF_BASE_S = 0.5
@@ -49,7 +49,7 @@ class FallbackChain:
     async def aclose(self) -> None:
         """The providers are shared with their own catalog entries, which close them."""
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
         failure: UpstreamError | None = None
         for attempt in self._attempts:
             for retry in range(attempt.max_retries + 1):

@@ -14,7 +14,7 @@ import hashlib
 import os
 import random
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from itertools import chain, islice
 
 import orjson
@@ -311,7 +311,7 @@ class SimulatedProvider:
     async def aclose(self) -> None:
         """Nothing to release: no connections are held."""
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Item]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
         """Think (`reasoning_tokens`), then call tools or answer, at the model's pace.
 
         `max_tokens` bounds the whole completion, thinking included, as it
@@ -337,14 +337,14 @@ class SimulatedProvider:
             ended = "tool_calls"
         else:
             deltas = stops.apply(self._answer(request, composer, shape_rng))
-        for delta in deltas:
+        for piece in deltas:
             if budget is not None and emitted >= budget:
                 ended = "length"
                 break
             await pacer.wait()
             self._check_failure(emitted)
             emitted += 1
-            yield delta
+            yield piece
         self._check_failure(emitted)
         yield Finish(ended, Usage(request.prompt_tokens_estimate, emitted))
 
