@@ -7,6 +7,19 @@ for `stream_options.include_usage`, a chunk with `choices: []` and `usage`),
 then `data: [DONE]`. Without `stream` it answers one `chat.completion`.
 Failures before the stream are OpenAI's error body with the knob's status.
 
+Beyond plain text, a `script` of deltas (or a `responder` that picks one per
+request) streams whatever a real server sends: tool calls as OpenAI streams
+them (`tool_call_deltas`: the first fragment of each call with `index`, `id`,
+`type` and `function.name`, then `function.arguments` fragments; parallel
+calls one after the other or interleaved), reasoning as vLLM and DeepSeek
+(`delta.reasoning_content`) or OpenRouter (`delta.reasoning`) send it, and
+the deltas servers should not send a gateway that cannot forward them
+(`refusal`, the legacy `function_call`, `audio`). Without `stream` the same
+script is answered as one `chat.completion` (`assemble`): `message.tool_calls`,
+`content: null` when there is no text, `reasoning_content`. So the official
+SDK can be run against the fake directly and through the gateway, and the
+two compared.
+
 Every request is recorded (body, headers, loop time of arrival), and so is
 the loop time at which a streaming client hung up before the response ended.
 That is seen at once, not at the next write: aiohttp's `TestServer` runs with
@@ -20,7 +33,8 @@ subtract them from its own.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +52,160 @@ def large_delta(chars: int) -> str:
     """A deterministic delta of `chars` characters, mixing 1- to 4-byte UTF-8."""
     pattern = 'ab\u00e9\u4e2d\U0001f600\n"\\'
     return (pattern * (chars // len(pattern) + 1))[:chars]
+
+
+# -- scripts: what real servers stream besides plain text --------------------
+
+#: One `choices[0].delta` object, as sent.
+Delta = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Call:
+    """A function call a scripted model makes: `arguments` is its JSON text."""
+
+    name: str
+    arguments: str
+    id: str | None = None
+
+    @classmethod
+    def of(cls, name: str, arguments: dict[str, Any], id: str | None = None) -> Call:
+        return cls(name, json.dumps(arguments, separators=(",", ":")), id)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a `responder` answers one request with."""
+
+    deltas: list[Delta]
+    finish_reason: str = "stop"
+
+
+def split(text: str, pieces: int) -> list[str]:
+    """`text` cut into `pieces` non-empty fragments (fewer when it is shorter)."""
+    pieces = max(1, min(pieces, len(text)))
+    size, extra = divmod(len(text), pieces)
+    out, start = [], 0
+    for piece in range(pieces):
+        end = start + size + (1 if piece < extra else 0)
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def text_deltas(*pieces: str) -> list[Delta]:
+    return [{"content": piece} for piece in pieces]
+
+
+def reasoning_deltas(*pieces: str, style: str = "deepseek") -> list[Delta]:
+    """Reasoning as servers stream it.
+
+    `deepseek` (DeepSeek's API): `{"content": null, "reasoning_content": …}`;
+    `vllm` (its reasoning parsers): `{"reasoning_content": …}` alone;
+    `openrouter`: `{"role": "assistant", "content": "", "reasoning": …}`.
+    """
+    if style == "deepseek":
+        return [{"content": None, "reasoning_content": piece} for piece in pieces]
+    if style == "vllm":
+        return [{"reasoning_content": piece} for piece in pieces]
+    if style == "openrouter":
+        return [{"role": "assistant", "content": "", "reasoning": piece} for piece in pieces]
+    raise ValueError(f"unknown reasoning style {style!r}")
+
+
+def tool_call_deltas(
+    calls: Sequence[Call],
+    *,
+    pieces: int = 3,
+    interleave: bool = False,
+    role: bool = True,
+    index: bool = True,
+    ids: bool = True,
+    arguments_in_first: bool = False,
+) -> list[Delta]:
+    """The deltas of `calls` as OpenAI streams them.
+
+    Each call's first fragment is `{index, id, type: "function", function:
+    {name, arguments: ""}}`, then its arguments follow in `pieces` fragments
+    `{index, function: {arguments}}`. Parallel calls come one after the
+    other (OpenAI) or, with `interleave`, fragment by fragment in turn (as
+    some servers batch them). `role` puts `role: assistant, content: null`
+    on the first delta, as OpenAI does when the answer starts with a call.
+    Non-conforming servers: `index=False` omits `index`, `ids=False` omits
+    `id`, `arguments_in_first` sends the first argument fragment along with
+    the name instead of `""`.
+    """
+    per_call: list[list[dict[str, Any]]] = []
+    for number, call in enumerate(calls):
+        fragments = split(call.arguments, pieces) if call.arguments else []
+        first: dict[str, Any] = {"index": number}
+        if ids:
+            first["id"] = call.id or f"call_fake{number}"
+        first["type"] = "function"
+        first["function"] = {"name": call.name, "arguments": ""}
+        if arguments_in_first and fragments:
+            first["function"]["arguments"] = fragments.pop(0)
+        items = [first] + [{"index": number, "function": {"arguments": f}} for f in fragments]
+        if not index:
+            for item in items:
+                del item["index"]
+        per_call.append(items)
+    ordered: list[dict[str, Any]] = []
+    if interleave:
+        for row in range(max((len(items) for items in per_call), default=0)):
+            ordered += [items[row] for items in per_call if row < len(items)]
+    else:
+        ordered = [item for items in per_call for item in items]
+    deltas: list[Delta] = [{"tool_calls": [item]} for item in ordered]
+    if role and deltas:
+        deltas[0] = {"role": "assistant", "content": None, **deltas[0]}
+    return deltas
+
+
+def assemble(deltas: Iterable[Delta]) -> dict[str, Any]:
+    """The `chat.completion` message the deltas add up to, as OpenAI answers
+    without `stream`: `content` null when there is no text, `tool_calls` in
+    index order, `reasoning_content` / `reasoning` joined, `refusal` or null."""
+    content: list[str] = []
+    reasoning: dict[str, list[str]] = {}
+    refusal: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    function_call: dict[str, Any] | None = None
+    position = 0  # a fragment without `index` continues the last call, or starts one with `id`
+    for delta in deltas:
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            content.append(delta["content"])
+        for key in ("reasoning_content", "reasoning"):
+            if isinstance(delta.get(key), str):
+                reasoning.setdefault(key, []).append(delta[key])
+        if isinstance(delta.get("refusal"), str):
+            refusal.append(delta["refusal"])
+        if isinstance(delta.get("function_call"), dict):
+            function_call = delta["function_call"]
+        for item in delta.get("tool_calls") or ():
+            if "index" in item:
+                position = item["index"]
+            elif "id" in item and calls:
+                position = max(calls) + 1
+            empty = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            call = calls.setdefault(position, empty)
+            if item.get("id"):
+                call["id"] = item["id"]
+            function = item.get("function") or {}
+            call["function"]["name"] += function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(content) if content else None,
+        "refusal": "".join(refusal) if refusal else None,
+    }
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    if function_call is not None:
+        message["function_call"] = function_call
+    for key, parts in reasoning.items():
+        message[key] = "".join(parts)
+    return message
 
 
 @dataclass
@@ -61,6 +229,15 @@ class FakeUpstream:
     """The knobs are plain attributes: set them in a test before the request."""
 
     tokens: list[str] = field(default_factory=lambda: list(DEFAULT_TOKENS))
+    #: Deltas to stream instead of `tokens` (`text_deltas`, `reasoning_deltas`,
+    #: `tool_call_deltas` …), then `finish_reason`. The role chunk is sent
+    #: first unless the script's first delta carries `role` itself (its
+    #: `content` is null when the script does not start with text).
+    script: list[Delta] | None = None
+    #: Per request, instead of `script` and `finish_reason`: body -> `Reply`.
+    responder: Callable[[dict[str, Any]], Reply] | None = None
+    #: False: no role chunk of its own before the deltas (a server that sends no role).
+    role_chunk: bool = True
     #: Before the role chunk (headers are sent at once unless `hold_headers`).
     first_token_delay_s: float = 0.0
     #: Between content deltas.
@@ -169,8 +346,17 @@ class FakeUpstream:
         error = {"message": self.fail_message, "type": error_type, "param": None, "code": None}
         return web.json_response({"error": error}, status=self.fail_status or 500, headers=headers)
 
-    def _usage(self) -> dict[str, int]:
-        completion = len(self.tokens) if self.completion_tokens is None else self.completion_tokens
+    def reply(self, body: dict[str, Any]) -> Reply:
+        """The deltas and finish reason request `body` gets, as the knobs say."""
+        if self.responder is not None:
+            return self.responder(body)
+        if self.script is not None:
+            return Reply(list(self.script), self.finish_reason)
+        return Reply(text_deltas(*self.tokens), self.finish_reason)
+
+    def _usage(self, reply: Reply | None = None) -> dict[str, int]:
+        sent = len(self.tokens) if reply is None else len(reply.deltas)
+        completion = sent if self.completion_tokens is None else self.completion_tokens
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
@@ -178,8 +364,17 @@ class FakeUpstream:
         }
 
     def _whole(self, body: dict[str, Any]) -> web.Response:
-        message = {"role": "assistant", "content": "".join(self.tokens), "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+        reply = self.reply(body)
+        if self.script is None and self.responder is None:
+            message = {"role": "assistant", "content": "".join(self.tokens), "refusal": None}
+        else:
+            message = assemble(reply.deltas)
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": reply.finish_reason,
+        }
         return web.json_response(
             {
                 "id": "chatcmpl-fake",
@@ -187,7 +382,7 @@ class FakeUpstream:
                 "created": 1,
                 "model": body.get("model"),
                 "choices": [choice],
-                "usage": self._usage(),
+                "usage": self._usage(reply),
             }
         )
 
@@ -210,6 +405,7 @@ class _Stream:
         self.model = body.get("model")
         options = body.get("stream_options") or {}
         self.include_usage = fake.send_usage and bool(options.get("include_usage"))
+        self.reply = fake.reply(body)
 
     async def run(self) -> None:
         fake = self.fake
@@ -217,19 +413,25 @@ class _Stream:
             await self.response.prepare(self.request)
         await asyncio.sleep(fake.first_token_delay_s)
         await self.response.prepare(self.request)  # no-op once prepared
-        await self.chunk(self.choice({"role": "assistant", "content": ""}))
-        for index, token in enumerate(fake.tokens):
+        deltas = self.reply.deltas
+        if fake.role_chunk and not (deltas and "role" in deltas[0]):
+            # OpenAI's role delta has `content: ""` before text, null before a
+            # tool call (DeepSeek's likewise before its thinking).
+            text_first = not deltas or isinstance(deltas[0].get("content"), str)
+            content = "" if text_first else None
+            await self.chunk(self.choice({"role": "assistant", "content": content}))
+        for index, delta in enumerate(deltas):
             if index and fake.token_delay_s:
                 await asyncio.sleep(fake.token_delay_s)
             if await self.fail_at(index):
                 return
-            await self.chunk(self.choice({"content": token}))
-        if await self.fail_at(len(fake.tokens)):
+            await self.chunk(self.choice(delta))
+        if await self.fail_at(len(deltas)):
             return
         if not fake.omit_finish:
-            await self.chunk(self.choice({}, fake.finish_reason))
+            await self.chunk(self.choice({}, self.reply.finish_reason))
             if self.include_usage:
-                await self.chunk({"choices": [], "usage": fake._usage()})
+                await self.chunk({"choices": [], "usage": fake._usage(self.reply)})
         if not fake.omit_done:
             await self.write(b"data: [DONE]")
         await self.response.write_eof()

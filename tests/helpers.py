@@ -9,6 +9,23 @@ import orjson
 
 from tests.sse_parser import SseParser
 
+#: The upstream key of test models: it must never reach a client or a log.
+SECRET = "sk-test-secret-123456"
+
+
+def openai_model(base_url: str, name: str = "gpt", **overrides: Any) -> dict[str, Any]:
+    """An `openai` model on a fake upstream: fast timeouts, no retries unless asked."""
+    return {
+        "name": name,
+        "provider": "openai",
+        "base_url": base_url,
+        "api_key": SECRET,
+        "upstream_model": f"{name}-upstream",
+        "timeout_s": 1,
+        "max_retries": 0,
+        **overrides,
+    }
+
 
 async def read_ndjson(response: aiohttp.ClientResponse) -> list[dict[str, Any]]:
     lines = (await response.read()).split(b"\n")

@@ -1,11 +1,12 @@
 """The demo page and gateway-client.js in real headless chromium, against `python -m gateway`.
 
 One gateway process (the repository's config.yaml, models replaced by env
-overrides) serves three models: `sim-1` (simulated, 50 tokens/s), `sim-fail`
-(simulated, an upstream error after 12 tokens) and `fake-html` (an OpenAI
-upstream, `tests/fake_openai.py`, whose tokens are HTML). The page is loaded
-from the gateway, or, for the drop tests, through a TCP proxy in this test
-that can cut every connection at once.
+overrides) serves four models: `sim-1` (simulated, 50 tokens/s), `sim-fail`
+(simulated, an upstream error after 12 tokens), `sim-agent` (simulated, thinks
+16 tokens, then calls the tools the user's message mentions) and `fake-html`
+(an OpenAI upstream, `tests/fake_openai.py`, whose tokens are HTML). The page
+is loaded from the gateway, or, for the drop tests, through a TCP proxy in
+this test that can cut every connection at once.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit
 
 import aiohttp
 import pytest
@@ -47,8 +50,13 @@ HTML_TOKENS = [
     " and <img src=x onerror='window.__xss = 2'>",
     " & <b>bold</b> stay text.",
 ]
+#: EventSource follows a generation made by `POST /v1/generations` on this route.
+EVENTS_ROUTE = "/v1/generations/{generation_id}/events"
 TERMINAL_STATES = "['done', 'error', 'cancelled']"
 FAIL_AFTER = 12
+#: A simulated model that thinks first and calls the tools a user message mentions.
+AGENT = "sim-agent"
+REASONING_TOKENS = 16
 
 
 @dataclass
@@ -152,6 +160,13 @@ async def gateway(upstream: str) -> AsyncIterator[Gateway]:
             "fail_after_tokens": FAIL_AFTER,
         },
         {
+            "name": AGENT,
+            "provider": "simulated",
+            "tokens_per_second": 250,
+            "first_token_ms": 30,
+            "reasoning_tokens": REASONING_TOKENS,
+        },
+        {
             "name": "fake-html",
             "provider": "openai",
             "base_url": upstream,
@@ -239,8 +254,20 @@ async def answer_text(page: Page) -> str:
 
 
 async def figures(page: Page) -> dict[str, str]:
-    ids = ["ttft", "tps", "tokens", "events", "resumes", "status"]
+    ids = ["ttft", "tps", "tokens", "reasoning-tokens", "events", "steps", "resumes", "status"]
     return {i: (await page.text_content(f"#{i}") or "").strip() for i in ids}
+
+
+async def page_body(page: Page, prompt: str, **fields: Any) -> dict[str, Any]:
+    """The request body the page sends for a first turn: the prompt as `messages`, its tools."""
+    tools = await page.evaluate(
+        """async () => {
+          const { ToolRegistry } = await import('/static/gateway-client.js');
+          const { DEMO_TOOLS } = await import('/static/demo-tools.js');
+          return new ToolRegistry(DEMO_TOOLS).definitions();
+        }"""
+    )
+    return {"messages": [{"role": "user", "content": prompt}], "tools": tools, **fields}
 
 
 async def reference(base: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -276,11 +303,12 @@ async def start_sampler(page: Page) -> None:
     await page.evaluate(
         """() => {
           window.__samples = [];
-          const answer = document.querySelector('#answer');
           const status = document.querySelector('#status');
           window.__sampler = setInterval(() => {
             const at = performance.now();
-            window.__samples.push([at, answer.textContent.length, status.dataset.state]);
+            const answer = document.querySelector('#answer');  // made per turn
+            const length = answer ? answer.textContent.length : 0;
+            window.__samples.push([at, length, status.dataset.state]);
           }, 120);
         }"""
     )
@@ -297,12 +325,13 @@ async def stop_sampler(page: Page) -> list[list[Any]]:
 async def test_each_transport_streams_into_the_page(
     page: Page, gateway: Gateway, transport: str
 ) -> None:
-    body = {"prompt": f"Explain {transport} streaming.", "max_tokens": 50, "seed": 11}
-    expected_task = asyncio.ensure_future(reference(gateway.url, body))
-    sse_requests = await metric(gateway.url, "gateway_http_requests_total", route="/v1/stream/sse")
+    prompt = f"Explain {transport} streaming."
+    events_requests = await metric(gateway.url, "gateway_http_requests_total", route=EVENTS_ROUTE)
     await open_page(page, gateway.url)
+    body = await page_body(page, prompt, max_tokens=50, seed=11)
+    expected_task = asyncio.ensure_future(reference(gateway.url, body))
     await start_sampler(page)
-    await send(page, transport, model="sim-1", prompt=body["prompt"], max_tokens=50, seed=11)
+    await send(page, transport, model="sim-1", prompt=prompt, max_tokens=50, seed=11)
     assert await wait_end(page) == "done"
     samples = await stop_sampler(page)
     final = await answer_text(page)
@@ -332,8 +361,8 @@ async def test_each_transport_streams_into_the_page(
         # EventSource was closed on `done`: after its retry delay (1 s) it has not
         # reconnected (a reconnect would be a second request on the route).
         await asyncio.sleep(1.3)
-        after = await metric(gateway.url, "gateway_http_requests_total", route="/v1/stream/sse")
-        assert after == sse_requests + 1
+        after = await metric(gateway.url, "gateway_http_requests_total", route=EVENTS_ROUTE)
+        assert after == events_requests + 1
 
 
 # -- (b) Stop cancels the generation on the server ---------------------------------------------
@@ -367,12 +396,13 @@ async def test_stop_cancels_on_the_server(page: Page, gateway: Gateway, transpor
 async def test_dropped_connection_resumes(
     page: Page, gateway: Gateway, proxy: CuttableProxy, transport: str
 ) -> None:
-    body = {"prompt": f"Explain resuming {transport}.", "max_tokens": 60, "seed": 5}
-    expected_task = asyncio.ensure_future(reference(gateway.url, body))
+    prompt = f"Explain resuming {transport}."
     label = METRIC_TRANSPORT[transport]
     resumes_before = await metric(gateway.url, "gateway_resumes_total", transport=label)
     await open_page(page, f"http://127.0.0.1:{proxy.port}")
-    await send(page, transport, model="sim-1", prompt=body["prompt"], max_tokens=60, seed=5)
+    body = await page_body(page, prompt, max_tokens=60, seed=5)
+    expected_task = asyncio.ensure_future(reference(gateway.url, body))
+    await send(page, transport, model="sim-1", prompt=prompt, max_tokens=60, seed=5)
     await page.wait_for_function("Number(document.querySelector('#tokens').textContent) >= 12")
     connections = proxy.connections
     assert proxy.cut() >= 1
@@ -396,10 +426,11 @@ async def test_dropped_connection_resumes(
 async def test_midstream_error_is_shown_inline(
     page: Page, gateway: Gateway, transport: str
 ) -> None:
-    body = {"model": "sim-fail", "prompt": "Explain failure modes.", "max_tokens": 40, "seed": 3}
-    expected_task = asyncio.ensure_future(reference(gateway.url, body))
+    prompt = "Explain failure modes."
     await open_page(page, gateway.url)
-    await send(page, transport, model="sim-fail", prompt=body["prompt"], max_tokens=40, seed=3)
+    body = await page_body(page, prompt, model="sim-fail", max_tokens=40, seed=3)
+    expected_task = asyncio.ensure_future(reference(gateway.url, body))
+    await send(page, transport, model="sim-fail", prompt=prompt, max_tokens=40, seed=3)
     assert await wait_end(page) == "error"
     events = await expected_task
     assert events[-1]["type"] == "error" and events[-1]["code"] == "upstream_error"
@@ -435,15 +466,172 @@ async def test_script_token_is_rendered_as_text(page: Page, gateway: Gateway) ->
     assert await page.evaluate(white_space) == "pre-wrap"
 
 
-# -- (f) a screenshot of the page after an answer ----------------------------------------------
+# -- (f) the agent loop: thinking, browser tools, a conversation -------------------------------
+
+#: The request paths that start a model call, per transport (WebSocket: a `generate` frame).
+START_PATHS = {"/v1/generations", "/v1/stream/sse", "/v1/stream/chunked"}
+
+
+@dataclass
+class Traffic:
+    """What the page sent: every request, and the body of every model call."""
+
+    requests: list[tuple[str, str, str]] = field(default_factory=list)  # method, url, type
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+    def watch(self, page: Page) -> None:
+        page.on("request", self._on_request)
+        page.on("websocket", lambda ws: ws.on("framesent", self._on_frame))
+
+    def _on_request(self, request: Any) -> None:
+        self.requests.append((request.method, request.url, request.resource_type))
+        if request.method == "POST" and urlsplit(request.url).path in START_PATHS:
+            self.bodies.append(json.loads(request.post_data or "null"))
+
+    def _on_frame(self, payload: str | bytes) -> None:
+        message = json.loads(payload)
+        if message.get("type") == "generate":
+            self.bodies.append(message)
+
+
+async def watch_thinking(page: Page) -> None:
+    """Record, on every change of the chat, whether a thinking block is open while it streams."""
+    await page.evaluate(
+        """() => {
+          window.__thinking = [];
+          new MutationObserver(() => {
+            for (const d of document.querySelectorAll('details.thinking[data-state=thinking]')) {
+              window.__thinking.push(d.open);
+            }
+          }).observe(document.querySelector('#chat'), {subtree: true, childList: true,
+                                                       characterData: true});
+        }"""
+    )
+
+
+async def agent_turn(page: Page, transport: str, prompt: str) -> dict[str, Any]:
+    """Send one chat turn to the agent model; what the turn shows once it is done."""
+    await send(page, transport, model=AGENT, prompt=prompt)
+    assert await wait_end(page) == "done", await page.text_content("#output")
+    shown: dict[str, Any] = await page.evaluate(
+        """() => {
+          const turn = document.querySelector('#output');
+          return {
+            cards: [...turn.querySelectorAll('.tool-card')].map((card) => ({
+              tool: card.dataset.tool, state: card.dataset.state,
+              args: card.querySelector('.tool-args').textContent,
+              result: card.querySelector('.tool-result').textContent,
+            })),
+            thinking: [...turn.querySelectorAll('details.thinking')].map((d) => ({
+              open: d.open, text: d.querySelector('.reasoning').textContent,
+              summary: d.querySelector('summary').textContent,
+            })),
+            answer: document.querySelector('#answer').textContent,
+            blocks: [...turn.children].filter((c) => !c.hidden && c.textContent)
+              .map((c) => c.classList[0]),
+          };
+        }"""
+    )
+    shown["figures"] = await figures(page)
+    return shown
+
+
+def assert_tool_turn(shown: dict[str, Any], tool: str, args: str) -> str:
+    """One tool round trip: think, call (card with arguments and result), think, answer."""
+    [card] = shown["cards"]
+    assert card["tool"] == tool and card["state"] == "done"
+    assert card["args"] == args
+    assert card["result"]
+    # Thinking in both model calls, collapsed, with text.
+    assert len(shown["thinking"]) == 2
+    for block in shown["thinking"]:
+        assert block["open"] is False and block["text"].strip()
+        assert block["summary"].startswith("Thought for ")
+    assert shown["blocks"] == ["thinking", "tool-card", "thinking", "answer"]
+    assert shown["answer"].startswith(f"The {tool} tool returned {card['result']}.")
+    assert "finish_reason stop" in shown["figures"]["status"]
+    assert "2 steps" in shown["figures"]["status"]
+    assert shown["figures"]["steps"] == "2"
+    assert shown["figures"]["ttft"].endswith(" ms")
+    assert int(shown["figures"]["reasoning-tokens"]) > 0
+    return str(card["result"])
+
+
+async def agent_conversation(page: Page, transport: str) -> Traffic:
+    """The demo's two turns: the time (a tool without arguments), then a calculation."""
+    traffic = Traffic()
+    traffic.watch(page)
+    await watch_thinking(page)
+    count = "document.querySelectorAll('#chat .msg.user, #chat .tool-card').length"
+    before = await page.evaluate(count)
+    first = await agent_turn(page, transport, "What time is it?")
+    now = assert_tool_turn(first, "get_current_time", "{}")
+    assert re.fullmatch(r"\w+day, \w+ \d+, \d{4} at .+ \(.+\)", now), now
+    second = await agent_turn(page, transport, "Calculate 17 * 23")
+    assert assert_tool_turn(second, "calculate", '{\n  "expression": "17 * 23"\n}') == "391"
+    assert second["answer"].startswith("The calculate tool returned 391.")
+    # While it streamed, the thinking was shown collapsed.
+    seen = await page.evaluate("window.__thinking")
+    assert seen and not any(seen)
+    # The conversation stays on the page: both questions, both answers.
+    assert await page.evaluate(count) == before + 4  # two questions, two tool cards
+    return traffic
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_agent_loop_with_browser_tools(page: Page, gateway: Gateway, transport: str) -> None:
+    await open_page(page, gateway.url)
+    traffic = await agent_conversation(page, transport)
+
+    # Four model calls (two per turn), each with the tools and the whole history so far.
+    assert len(traffic.bodies) == 4
+    for body in traffic.bodies:
+        assert body["model"] == AGENT and "prompt" not in body
+        names = [t["function"]["name"] for t in body["tools"]]
+        assert names == ["get_current_time", "calculate"]
+    roles = [[m["role"] for m in body["messages"]] for body in traffic.bodies]
+    assert roles == [
+        ["user"],
+        ["user", "assistant", "tool"],
+        ["user", "assistant", "tool", "assistant", "user"],
+        ["user", "assistant", "tool", "assistant", "user", "assistant", "tool"],
+    ]
+    last = traffic.bodies[-1]["messages"]
+    [call] = last[5]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "calculate", "arguments": '{"expression":"17 * 23"}'}
+    assert last[5]["content"] is None
+    assert last[6] == {"role": "tool", "tool_call_id": call["id"], "content": "391"}
+    assert last[3]["content"].startswith("The get_current_time tool returned ")
+
+    # No prompt and no conversation in any URL (EventSource included).
+    for _method, url, _kind in traffic.requests:
+        query = unquote_plus(urlsplit(url).query)
+        assert "time is it" not in query and "17 * 23" not in query and "messages" not in query
+    if transport == "sse":
+        # EventSource mode: POST /v1/generations with the body, then EventSource on events_url.
+        paths = [(m, urlsplit(u).path, kind) for m, u, kind in traffic.requests]
+        posts = [p for m, p, _ in paths if m == "POST"]
+        assert posts == ["/v1/generations"] * 4
+        followed = [p for m, p, kind in paths if kind == "eventsource"]
+        assert len(followed) == 4
+        assert all(re.fullmatch(r"/v1/generations/gen_[\w-]{22,}/events", p) for p in followed)
+        assert not any(p.startswith("/v1/stream/sse") for _, p, _ in paths)
+
+
+# -- (g) a screenshot of the page mid-conversation ---------------------------------------------
 
 
 async def test_screenshot_of_the_demo_page(page: Page, gateway: Gateway) -> None:
     await open_page(page, gateway.url)
-    await send(
-        page, "sse", model="sim-1", prompt="Explain vector databases.", max_tokens=70, seed=7
-    )
+    # A first turn without tools (thinking, then text), then the two tool turns.
+    prompt = "Explain vector databases."
+    await send(page, "sse", model=AGENT, prompt=prompt, seed=7)
     assert await wait_end(page) == "done"
+    await agent_conversation(page, "sse")
+    # Open the first thinking block, to show what is in one.
+    await page.click("#chat details.thinking summary")
+    assert await page.evaluate("document.querySelector('#chat details.thinking').open")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         SCREENSHOT.unlink()

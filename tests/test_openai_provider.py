@@ -20,29 +20,15 @@ from aiohttp.test_utils import TestServer
 
 from tests.conftest import TEST_API_KEY, StartGateway
 from tests.fake_upstream import DEFAULT_TOKENS, FakeUpstream, StartFakeUpstream, large_delta
-from tests.helpers import assert_well_formed, read_ndjson, read_sse, text_of
+from tests.helpers import SECRET, assert_well_formed, openai_model, read_ndjson, read_sse, text_of
 from tests.redis_server import free_port
 from tests.sse_parser import SseParser
 
-SECRET = "sk-test-secret-123456"
 TEXT = "".join(DEFAULT_TOKENS)
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 BODY: dict[str, Any] = {"model": "gpt", "prompt": "Say hello"}
 SIM = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 5000, "first_token_ms": 0}
 Events = list[dict[str, Any]]
-
-
-def openai_model(base_url: str, name: str = "gpt", **overrides: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider": "openai",
-        "base_url": base_url,
-        "api_key": SECRET,
-        "upstream_model": f"{name}-upstream",
-        "timeout_s": 1,
-        "max_retries": 0,
-        **overrides,
-    }
 
 
 async def gateway(

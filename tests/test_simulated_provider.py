@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from gateway.config import SimulatedModel
 from gateway.errors import UpstreamError
-from gateway.providers.base import Finish
+from gateway.providers.base import Finish, Reasoning, ToolCallDelta
 from gateway.providers.simulated import SimulatedProvider, _tokenize
 from gateway.schema import GenerationRequest
 
@@ -234,3 +235,117 @@ async def test_kind_and_aclose() -> None:
     provider = SimulatedProvider(model())
     assert provider.kind == "simulated"
     await provider.aclose()
+
+
+# -- thinking and tool calls -----------------------------------------------------
+
+
+def function(name: str, properties: dict[str, Any] | None = None, *required: str) -> dict[str, Any]:
+    parameters = {"type": "object", "properties": properties or {}, "required": list(required)}
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+CALCULATE = function("calculate", {"expression": {"type": "string"}}, "expression")
+CLOCK = function("get_current_time", {"timezone": {"type": "string"}})
+WEATHER = function(
+    "getCurrentWeather",
+    {
+        "city": {"type": "string"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 3},
+        "hourly": {"type": "boolean"},
+        "where": {
+            "type": "object",
+            "properties": {"lat": {"type": "number"}, "note": {"type": "string"}},
+            "required": ["lat"],
+        },
+        "tags": {"type": "array"},
+    },
+    "city",
+    "unit",
+    "days",
+    "hourly",
+    "where",
+    "tags",
+)
+
+
+async def items_of(req: GenerationRequest, sim: SimulatedModel | None = None) -> list[Any]:
+    return [item async for item in SimulatedProvider(sim or model()).stream(req)]
+
+
+def calls_of(items: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, parsed arguments) of each call, from its fragments."""
+    calls: dict[int, list[Any]] = {}
+    for item in items:
+        if isinstance(item, ToolCallDelta):
+            if item.id is not None:
+                assert item.id.startswith("call_") and item.arguments == ""
+                calls[item.index] = [item.name, ""]
+            else:
+                calls[item.index][1] += item.arguments
+    return [(name, json.loads(arguments)) for name, arguments in calls.values()]
+
+
+async def test_thinking_comes_first_and_counts_against_max_tokens() -> None:
+    thinker = model(reasoning_tokens=12)
+    items = await items_of(request(max_tokens=20), thinker)
+    *deltas, finish = items
+    assert [type(d) for d in deltas] == [Reasoning] * 12 + [str] * 8
+    assert finish.finish_reason == "length" and finish.usage.completion_tokens == 20
+    assert "vector" in "".join(d.text for d in deltas[:12])
+    # reasoning_effort "none" (or "minimal") skips it.
+    quick = await items_of(request(max_tokens=5, reasoning_effort="none"), thinker)
+    assert not any(isinstance(i, Reasoning) for i in quick)
+
+
+async def test_auto_calls_the_tools_the_last_user_message_mentions() -> None:
+    tools = [CALCULATE, CLOCK]
+    items = await items_of(request(prompt="Calculate 17 * 23, please", tools=tools))
+    assert calls_of(items) == [("calculate", {"expression": "17 * 23"})]
+    assert items[-1].finish_reason == "tool_calls"
+    both = await items_of(request(prompt="What time is it? And calculate 2+2", tools=tools))
+    assert [name for name, _ in calls_of(both)] == ["calculate", "get_current_time"]
+    one = await items_of(
+        request(prompt="What time is it? And calculate 2+2", tools=tools, parallel_tool_calls=False)
+    )
+    assert [name for name, _ in calls_of(one)] == ["calculate"]
+    # camelCase names are split into words too: "current", "weather".
+    weather = await items_of(request(prompt="What is the current weather?", tools=[WEATHER]))
+    assert [name for name, _ in calls_of(weather)] == ["getCurrentWeather"]
+    # Not mentioned, or tool_choice none: a text answer.
+    for unrelated in (request(tools=tools), request(tools=tools, tool_choice="none")):
+        text = await items_of(unrelated)
+        assert not calls_of(text) and text[-1].finish_reason == "stop"
+
+
+async def test_required_and_named_choices_always_call_and_fill_the_schema() -> None:
+    required = await items_of(request(tools=[WEATHER, CLOCK], tool_choice="required"))
+    ((name, arguments),) = calls_of(required)
+    assert name == "getCurrentWeather"
+    assert arguments["unit"] == "celsius"  # an enum's first value
+    assert arguments["days"] == 3 and arguments["hourly"] is True and arguments["tags"] == []
+    assert arguments["where"] == {"lat": 1}  # required properties only, recursively
+    assert isinstance(arguments["city"], str) and arguments["city"]
+    named = {"type": "function", "function": {"name": "get_current_time"}}
+    chosen = await items_of(request(tools=[WEATHER, CLOCK], tool_choice=named))
+    assert calls_of(chosen) == [("get_current_time", {})]
+    # Deterministic for a seed, ids included.
+    assert required == await items_of(request(tools=[WEATHER, CLOCK], tool_choice="required"))
+
+
+async def test_a_tool_result_is_answered_with() -> None:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "calculate", "arguments": "{}"},
+    }
+    messages = [
+        {"role": "user", "content": "Calculate 17 * 23"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"result": 391}'},
+    ]
+    items = await items_of(GenerationRequest(messages=messages, tools=[CALCULATE], seed=1))
+    text = "".join(i for i in items if isinstance(i, str))
+    assert text.startswith("The calculate tool returned 391.")
+    assert items[-1].finish_reason == "stop"

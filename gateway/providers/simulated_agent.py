@@ -47,8 +47,8 @@ def _name_words(name: str) -> list[str]:
 def mentions(text: str, tool: Tool) -> bool:
     """The text names the tool, or one of the distinctive words of its name."""
     lowered = text.lower()
-    name = tool.function.name.lower()
-    if name in lowered:
+    name = tool.function.name
+    if name.lower() in lowered:
         return True
     return any(re.search(rf"\b{re.escape(word)}", lowered) for word in _name_words(name))
 

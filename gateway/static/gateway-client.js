@@ -1,6 +1,6 @@
 // gateway-client.js: one browser API over the gateway's three transports.
 //
-//   import { stream } from '/static/gateway-client.js';
+//   import { stream, runAgent, ToolRegistry } from '/static/gateway-client.js';
 //   const result = await stream({ transport: 'sse' | 'ws' | 'chunked', body, onToken, signal });
 //
 // Dependency-free ES module. Nothing here touches `window` or `document`, and
@@ -8,12 +8,19 @@
 // a stream starts, so the parsers can be imported and tested in Node.
 //
 // Contract (see DESIGN.md): every stream is one event log, `start` (seq 0),
-// `token` (seq 1..n), then one terminal `done` or `error`. A dropped connection
-// is resumed from the last seq seen (SSE `Last-Event-ID`, NDJSON `?after=`,
-// WebSocket `resume`), and events are de-duplicated by seq, so the text is
-// never doubled nor lost. Aborting `signal` cancels the generation on the
-// server (WebSocket `cancel`, else `DELETE /v1/generations/{id}`), waits for
-// its `done{finish_reason: "cancelled"}` and resolves with it.
+// then `token`, `reasoning` and `tool_call` events (one seq sequence), then
+// one terminal `done` or `error`. A dropped connection is resumed from the
+// last seq seen (SSE `Last-Event-ID`, NDJSON `?after=`, WebSocket `resume`),
+// and events are de-duplicated by seq, so the text is never doubled nor
+// lost. Aborting `signal` cancels the generation on the server (WebSocket
+// `cancel`, else `DELETE /v1/generations/{id}`), waits for its
+// `done{finish_reason: "cancelled"}` and resolves with it.
+//
+// `tool_call` fragments are assembled per `index` and handed over, with their
+// arguments parsed, when `done{finish_reason: "tool_calls"}` completes them.
+// `runAgent` runs the tool loop: it calls the app's tool functions and goes
+// on with the conversation (OpenAI's `tools` / `messages` shapes) until the
+// model answers in text, up to `maxSteps` model calls.
 
 const DEFAULTS = {
   baseUrl: '',
@@ -23,12 +30,13 @@ const DEFAULTS = {
   cancelTimeoutMs: 3000, // how long to wait for the server's done{cancelled}
   wsIdleMs: 30000, // a shared WebSocket with no stream left closes after this
 };
-/** Body fields a GET `/v1/stream/sse?…` (EventSource) can carry. */
-const QUERY_FIELDS = new Set(['prompt', 'model', 'max_tokens', 'seed', 'on_disconnect']);
+/** How many model calls `runAgent` makes at most, tool round trips included. */
+const DEFAULT_MAX_STEPS = 5;
 
 export class GatewayError extends Error {
   /**
-   * @param {string} code contract error code, or `connection_lost` / `connection_failed` / `bad_event`
+   * @param {string} code contract error code, or `connection_lost` / `connection_failed` /
+   *        `bad_event`, or (runAgent) `too_many_steps`
    * @param {string} message
    * @param {{retryable?: boolean, status?: number|null, event?: object|null}} [info]
    */
@@ -221,6 +229,77 @@ export function createNDJSONSplitter(handlers = {}) {
   };
 }
 
+// ------------------------------------------------------------- tool calls --
+
+/**
+ * Parses a tool call's JSON arguments: `{args}` (an empty string is `{}`), or
+ * `{error}` when they are not JSON or not an object.
+ *
+ * @param {string} text
+ * @returns {{args: object, error?: undefined} | {args?: undefined, error: string}}
+ */
+export function parseToolArguments(text) {
+  if (text === undefined || text === null || String(text).trim() === '') return { args: {} };
+  let args;
+  try {
+    args = JSON.parse(text);
+  } catch (err) {
+    const start = String(text).slice(0, 80);
+    return { error: `the arguments are not valid JSON (${err.message}): ${start}` };
+  }
+  if (args === null || typeof args !== 'object' || Array.isArray(args)) {
+    return { error: `the arguments are not a JSON object: ${String(text).slice(0, 80)}` };
+  }
+  return { args };
+}
+
+/**
+ * Assembles `tool_call` event fragments per `index`: `id` and `name` come on
+ * the first fragment of an index, the `arguments` fragments concatenate to
+ * the call's JSON arguments. Fragments of several calls may interleave.
+ *
+ * A call so far is `{index, id, name, arguments}` (`id`, `name` null until
+ * seen); `finish()` gives the complete calls with `args` (parsed) or `error`.
+ *
+ * @returns {{push(ev: object): object, readonly calls: object[], readonly size: number,
+ *            finish(): Array<{index: number, id: string, name: string|null, arguments: string,
+ *                             args?: object, error?: string}>}}
+ */
+export function createToolCallAssembler() {
+  const calls = new Map(); // index -> the call so far
+  const sorted = () => [...calls.values()].sort((a, b) => a.index - b.index);
+  return {
+    /** Take one fragment; returns a copy of its call as assembled so far. */
+    push(ev) {
+      const index = Number.isInteger(ev.index) ? ev.index : 0;
+      let call = calls.get(index);
+      if (!call) {
+        call = { index, id: null, name: null, arguments: '' };
+        calls.set(index, call);
+      }
+      if (ev.id && !call.id) call.id = String(ev.id);
+      if (ev.name && !call.name) call.name = String(ev.name);
+      if (typeof ev.arguments === 'string') call.arguments += ev.arguments;
+      return { ...call };
+    },
+    get calls() {
+      return sorted().map((call) => ({ ...call }));
+    },
+    get size() {
+      return calls.size;
+    },
+    /** The complete calls, in index order, with their arguments parsed (`args`) or an `error`. */
+    finish() {
+      return sorted().map((call) => {
+        const parsed = call.name
+          ? parseToolArguments(call.arguments)
+          : { error: 'the tool call has no function name' };
+        return { ...call, id: call.id || `call_${call.index}`, ...parsed };
+      });
+    },
+  };
+}
+
 // ---------------------------------------------------------------- helpers --
 
 function sleep(ms, signal) {
@@ -315,8 +394,11 @@ class Run {
     this.generationId = null;
     this.lastSeq = -1;
     this.text = '';
+    this.reasoning = '';
     this.tokens = 0;
     this.events = 0;
+    this.assembler = createToolCallAssembler();
+    this.toolCalls = []; // complete calls, set by done{tool_calls}
     this.resumes = 0;
     this.terminal = null;
     this.failure = null;
@@ -351,7 +433,18 @@ class Run {
       this.text += ev.text;
       this.tokens += 1;
       if (this.o.onToken) this.o.onToken(ev.text, ev);
+    } else if (ev.type === 'reasoning') {
+      this.reasoning += ev.text;
+      if (this.o.onReasoning) this.o.onReasoning(ev.text, ev);
+    } else if (ev.type === 'tool_call') {
+      const call = this.assembler.push(ev);
+      if (this.o.onToolCallDelta) this.o.onToolCallDelta(call, ev);
     } else if (ev.type === 'done' || ev.type === 'error') {
+      if (ev.type === 'done' && ev.finish_reason === 'tool_calls') {
+        // The calls are complete only now: their arguments can be parsed.
+        this.toolCalls = this.assembler.finish();
+        if (this.o.onToolCall) for (const call of this.toolCalls) this.o.onToolCall(call, ev);
+      }
       this.terminal = ev;
       this._resolve();
     }
@@ -548,15 +641,46 @@ function canUseEventSource(o) {
   if (o.sse === 'fetch') return false;
   if (typeof globalThis.EventSource !== 'function') return false;
   if (o.sse === 'eventsource') return true;
-  if (o.headers && Object.keys(o.headers).length) return false;
-  return Object.keys(o.body || {}).every((k) => QUERY_FIELDS.has(k));
+  // Custom headers cannot ride on EventSource's GET: fetch can send them.
+  return !(o.headers && Object.keys(o.headers).length);
 }
 
+/**
+ * `POST /v1/generations` (the whole body as JSON; a conversation does not fit
+ * in a URL) → `{id, events_url}`. Rejects with a GatewayError for an HTTP error
+ * answer, with a TypeError (fetch's) when the network failed.
+ */
+async function createGeneration(o, token, signal) {
+  const response = await fetch(urlFor(o, '/v1/generations'), {
+    ...fetchInit(o),
+    method: 'POST',
+    headers: await authHeaders(
+      { ...o, token },
+      { Accept: 'application/json', 'Content-Type': 'application/json' },
+    ),
+    body: JSON.stringify(o.body),
+    signal,
+  });
+  if (!response.ok) throw await httpError(response);
+  const created = await response.json().catch(() => null);
+  if (!created || typeof created.id !== 'string') {
+    throw new GatewayError('bad_event', 'POST /v1/generations answered without an id');
+  }
+  return created;
+}
+
+/**
+ * SSE by the browser's EventSource: the generation is created with
+ * `POST /v1/generations` (fetch, `Authorization` header), then its
+ * `events_url` is followed with EventSource (a GET: the credential rides as
+ * `?access_token=`, or as a cookie). The prompt never goes in a URL.
+ * EventSource reconnects by itself with `Last-Event-ID`, which that route
+ * resumes from, and it answers 204 once everything was delivered.
+ */
 async function runEventSource(run) {
   const o = run.o;
   const token = await resolveToken(o.token);
-  const query = {};
-  for (const key of QUERY_FIELDS) if (o.body[key] !== undefined) query[key] = o.body[key];
+  const posting = new AbortController();
   let source = null;
   let opens = 0;
   let failures = 0;
@@ -566,7 +690,38 @@ async function runEventSource(run) {
     source = null;
   };
   run.cleanups.push(close);
-  run.onCancel = () => cancelOverHttp(run, close);
+  run.onCancel = () => {
+    if (!run.generationId) posting.abort();
+    cancelOverHttp(run, close);
+  };
+
+  // 1. Create the generation. Nothing was shown yet, so asking again after a
+  // network failure is safe (an orphan is cancelled after the resume grace).
+  let created = null;
+  for (let attempt = 1; created === null; attempt++) {
+    run.status('connecting', attempt > 1 ? { attempt } : {});
+    try {
+      created = await createGeneration(o, token, posting.signal);
+    } catch (err) {
+      if (run.over) return;
+      if (err instanceof GatewayError) throw err; // the gateway said no: not retried
+      if (attempt > o.maxAttempts) {
+        throw new GatewayError('connection_failed', `POST /v1/generations failed: ${err.message}`, {
+          retryable: true,
+        });
+      }
+      await sleep(backoff(attempt, o), o.signal);
+      if (run.over) return;
+    }
+  }
+  if (run.over) {
+    // Cancelled while the POST was on its way: cancel what it created.
+    deleteGeneration({ ...o, token }, created.id).catch(() => {});
+    return;
+  }
+  run.generationId = created.id;
+  const eventsPath =
+    created.events_url || `/v1/generations/${encodeURIComponent(created.id)}/events`;
 
   const onData = (e) => {
     let ev;
@@ -574,7 +729,8 @@ async function runEventSource(run) {
       ev = JSON.parse(e.data);
     } catch {
       close();
-      run.fail(new GatewayError('bad_event', `SSE data is not JSON: ${String(e.data).slice(0, 80)}`));
+      const start = String(e.data).slice(0, 80);
+      run.fail(new GatewayError('bad_event', `SSE data is not JSON: ${start}`));
       return;
     }
     if (!ev.type) ev.type = e.type;
@@ -583,9 +739,10 @@ async function runEventSource(run) {
     if (ev.type === 'error' && ev.code === 'shutting_down' && run.generationId) return;
     failures = 0;
     run.accept(ev);
-    if (run.terminal) close(); // or EventSource reconnects into a second generation
+    if (run.terminal) close(); // or EventSource reconnects (and gets 204)
   };
 
+  // 2. Follow its events.
   const open = (url) => {
     const es = new EventSource(url, { withCredentials: !!o.withCredentials });
     source = es;
@@ -596,7 +753,9 @@ async function runEventSource(run) {
       if (opens > 1) run.resumes += 1;
       run.status('streaming');
     });
-    for (const type of ['start', 'token', 'done']) es.addEventListener(type, onData);
+    for (const type of ['start', 'token', 'reasoning', 'tool_call', 'done']) {
+      es.addEventListener(type, onData);
+    }
     es.addEventListener('error', (e) => {
       if (source !== es) return;
       if (typeof e.data === 'string') return onData(e); // our `error` event has data
@@ -608,7 +767,11 @@ async function runEventSource(run) {
       }
       // CLOSED: the browser gave up (a non-200 answer). Re-attach by hand.
       close();
-      if (!run.generationId) {
+      failures += 1;
+      if (opens === 0 && failures > 2) {
+        // Never opened: likely refused (credential, origin). A refused GET is
+        // invisible to the page; sse: 'fetch' shows the error body.
+        deleteGeneration({ ...o, token }, run.generationId).catch(() => {});
         run.fail(
           new GatewayError('connection_failed', 'the event stream could not be opened', {
             retryable: true,
@@ -616,7 +779,6 @@ async function runEventSource(run) {
         );
         return;
       }
-      failures += 1;
       if (failures > o.maxAttempts) {
         run.fail(new GatewayError('connection_lost', `gave up after ${o.maxAttempts} reconnects`));
         return;
@@ -624,13 +786,12 @@ async function runEventSource(run) {
       run.status('reconnecting', { attempt: failures });
       sleep(backoff(failures, o)).then(() => {
         if (run.over) return;
-        const path = `/v1/generations/${encodeURIComponent(run.generationId)}/events`;
-        open(urlFor(o, path, { after: run.lastSeq, access_token: token }));
+        open(urlFor(o, eventsPath, { after: run.lastSeq, access_token: token }));
       });
     });
   };
 
-  open(urlFor(o, '/v1/stream/sse', { ...query, access_token: token }));
+  open(urlFor(o, eventsPath, { access_token: token }));
 }
 
 // ------------------------------------------------- WebSocket, multiplexed --
@@ -803,7 +964,7 @@ function runWebSocket(run) {
     run.status(attaches > 1 ? 'resuming' : 'connecting');
   };
   run.onWsEvent = (ev) => {
-    if (ev.type === 'start' || ev.type === 'token') run.status('streaming');
+    if (ev.type !== 'done' && ev.type !== 'error') run.status('streaming');
     run.accept(ev);
   };
   run.onCancel = () => {
@@ -832,6 +993,13 @@ function runWebSocket(run) {
  * @param {object} options.body request body: {prompt | messages, model, max_tokens, seed, …}
  * @param {AbortSignal} [options.signal] abort = cancel the generation on the server
  * @param {(text: string, ev: object) => void} [options.onToken]
+ * @param {(text: string, ev: object) => void} [options.onReasoning] a delta of the model's
+ *        visible thinking (`reasoning` events)
+ * @param {(call: object, ev: object) => void} [options.onToolCallDelta] a `tool_call` fragment
+ *        arrived; `call` is its call so far: {index, id, name, arguments (the string so far)}
+ * @param {(call: object, ev: object) => void} [options.onToolCall] a complete call, once per
+ *        index when `done{finish_reason: "tool_calls"}` arrives: {index, id, name,
+ *        arguments (the JSON string), args (parsed) | error (why it could not be parsed)}
  * @param {(ev: object) => void} [options.onDone]
  * @param {(err: GatewayError) => void} [options.onError]
  * @param {(ev: object) => void} [options.onEvent] every event, once (duplicates dropped)
@@ -842,10 +1010,12 @@ function runWebSocket(run) {
  *        WebSocket (a function is called on every (re)connect, e.g. to mint a ticket)
  * @param {boolean} [options.withCredentials] send cookies cross-origin (cookie auth)
  * @param {string} [options.baseUrl] gateway origin; default: this page's origin
- * @param {'auto'|'eventsource'|'fetch'} [options.sse='auto'] SSE by EventSource (GET;
- *        only prompt/model/max_tokens/seed) or by fetch (POST, any body)
- * @returns {Promise<{text: string, generationId: string|null, finishReason: string,
- *          usage: object|null, events: number, tokens: number, resumes: number}>}
+ * @param {'auto'|'eventsource'|'fetch'} [options.sse='auto'] SSE by EventSource
+ *        (`POST /v1/generations`, then EventSource on its `events_url`) or by fetch
+ *        (`POST /v1/stream/sse`); `auto` takes EventSource unless `headers` are set
+ * @returns {Promise<{text: string, reasoning: string, toolCalls: object[],
+ *          generationId: string|null, finishReason: string, usage: object|null,
+ *          events: number, tokens: number, resumes: number, confirmed: boolean}>}
  *          rejects with a GatewayError (`err.text` holds the partial text)
  */
 export async function stream(options) {
@@ -890,6 +1060,8 @@ export async function stream(options) {
   if (o.onDone) o.onDone(end);
   return {
     text: run.text,
+    reasoning: run.reasoning,
+    toolCalls: run.toolCalls,
     generationId: run.generationId,
     finishReason: end.finish_reason,
     usage: end.usage || null,
@@ -954,6 +1126,230 @@ export async function* streamEvents(options) {
     if (!finished) {
       inner.abort();
       await pending;
+    }
+  }
+}
+
+// ------------------------------------------------------------ agent loop --
+
+const TOOL_NAME = /^[A-Za-z0-9_-]{1,64}$/;
+
+/**
+ * The app's tool functions, by name: what the model is offered (`definitions()`,
+ * OpenAI's `tools` shape) and what runs when it calls one (`call()`).
+ *
+ *   const tools = new ToolRegistry().register({
+ *     name: 'calculate', description: 'Evaluate arithmetic',
+ *     parameters: { type: 'object', properties: { expression: { type: 'string' } },
+ *                   required: ['expression'] },
+ *     run: async ({ expression }, { signal }) => ({ value: evaluate(expression) }),
+ *   });
+ */
+export class ToolRegistry {
+  /** @param {Array<object>} [tools] tool specs, as `register` takes them */
+  constructor(tools = []) {
+    this.tools = new Map();
+    for (const tool of tools) this.register(tool);
+  }
+
+  /**
+   * @param {{name: string, description?: string, parameters?: object,
+   *          run: (args: object, context: {signal?: AbortSignal, call: object}) => any}} tool
+   *        `parameters` is a JSON schema (default: an object without properties); `run`
+   *        may be async; what it returns (JSON-serializable) goes back to the model
+   * @returns {ToolRegistry} this
+   */
+  register({ name, description = '', parameters, run }) {
+    if (typeof name !== 'string' || !TOOL_NAME.test(name)) {
+      throw new TypeError(`a tool name is 1 to 64 of [A-Za-z0-9_-], not ${JSON.stringify(name)}`);
+    }
+    if (typeof run !== 'function') throw new TypeError(`tool ${name}: run must be a function`);
+    const schema = parameters || { type: 'object', properties: {} };
+    this.tools.set(name, { name, description, parameters: schema, run });
+    return this;
+  }
+
+  get size() {
+    return this.tools.size;
+  }
+
+  has(name) {
+    return this.tools.has(name);
+  }
+
+  /** OpenAI's `tools` field: `[{type: "function", function: {name, description, parameters}}]`. */
+  definitions() {
+    return [...this.tools.values()].map(({ name, description, parameters }) => ({
+      type: 'function',
+      function: { name, description, parameters },
+    }));
+  }
+
+  /**
+   * Run one complete call (as `onToolCall` gives it). Never throws: a failure
+   * is `{error}`. `content` is what goes back to the model: the JSON of the
+   * result, or of `{error}`.
+   *
+   * @returns {Promise<{result?: any, error?: string, content: string}>}
+   */
+  async call(call, { signal } = {}) {
+    const failed = (error) => ({ error, content: JSON.stringify({ error }) });
+    const tool = call.name ? this.tools.get(call.name) : undefined;
+    if (!tool) return failed(`unknown tool: ${call.name}`);
+    if (call.error) return failed(call.error);
+    let args = call.args;
+    if (args === undefined) {
+      const parsed = parseToolArguments(call.arguments);
+      if (parsed.error) return failed(parsed.error);
+      args = parsed.args;
+    }
+    const required = (tool.parameters && tool.parameters.required) || [];
+    const missing = required.filter((key) => args[key] === undefined);
+    if (missing.length) return failed(`missing required argument(s): ${missing.join(', ')}`);
+    let result;
+    try {
+      result = await tool.run(args, { signal, call });
+    } catch (err) {
+      return failed(String((err && err.message) || err));
+    }
+    let content;
+    try {
+      content = JSON.stringify(result === undefined ? null : result);
+    } catch (err) {
+      return failed(`the result is not JSON-serializable: ${err.message}`);
+    }
+    return { result, content };
+  }
+}
+
+/** The assistant message that records a step's tool calls (OpenAI's chat shape). */
+export function assistantToolMessage(text, calls) {
+  return {
+    role: 'assistant',
+    content: text ? text : null,
+    tool_calls: calls.map((call) => ({
+      id: call.id,
+      type: 'function',
+      function: { name: call.name, arguments: call.arguments || '{}' },
+    })),
+  };
+}
+
+function addUsage(total, usage) {
+  if (!usage) return total;
+  const sum = total || {};
+  for (const [key, value] of Object.entries(usage)) {
+    if (typeof value === 'number') sum[key] = (sum[key] || 0) + value;
+  }
+  return sum;
+}
+
+/**
+ * The agent loop: stream the conversation with the registered tools; when the
+ * model answers with tool calls (`done{finish_reason: "tool_calls"}`), run
+ * them, append the assistant message (`tool_calls`) and one `tool` message per
+ * call (`content`: the JSON of the result, or of `{error}`), and call the
+ * model again, until it answers in text. Every transport and option of
+ * `stream()` works (resume included); each step is one generation.
+ *
+ * @param {object} options everything `stream()` takes (transport, body, signal,
+ *        token, onToken, onReasoning, onToolCallDelta, onToolCall, onEvent, onStatus, …), plus:
+ * @param {object[]} [options.messages] the conversation so far (OpenAI's chat shape);
+ *        default: `body.messages`, or `body.prompt` as one user message
+ * @param {ToolRegistry|object[]} [options.tools] the app's tools (a registry, or specs for one)
+ * @param {number} [options.maxSteps=5] model calls at most; a model that still asks
+ *        for tools at the last one ends the loop with a GatewayError `too_many_steps`
+ * @param {(info: {step: number, messages: object[]}) => void} [options.onStep] a model
+ *        call starts (step 1, 2, …)
+ * @param {(call: object, outcome: {result?: any, error?: string, content: string},
+ *          step: number) => void} [options.onToolResult] a tool has run
+ * @returns {Promise<{text: string, messages: object[], steps: number, finishReason: string,
+ *          usage: object|null, results: object[], events: number, tokens: number,
+ *          resumes: number, toolCalls: object[]}>} `messages` is the conversation with
+ *          this turn appended (the caller's array is not changed); rejects with a
+ *          GatewayError whose `messages` holds the conversation up to the failure
+ */
+export async function runAgent(options) {
+  const {
+    tools,
+    maxSteps = DEFAULT_MAX_STEPS,
+    messages: given,
+    onStep,
+    onToolResult,
+    ...streamOptions
+  } = options;
+  const registry = tools instanceof ToolRegistry ? tools : new ToolRegistry(tools || []);
+  const body = { ...(options.body || {}) };
+  let history;
+  if (given) history = [...given];
+  else if (Array.isArray(body.messages)) history = [...body.messages];
+  else if (typeof body.prompt === 'string') history = [{ role: 'user', content: body.prompt }];
+  else throw new TypeError('messages (or body.messages, or body.prompt) are required');
+  delete body.prompt;
+  delete body.messages;
+  if (registry.size && body.tools === undefined) body.tools = registry.definitions();
+  if (!(maxSteps >= 1)) throw new TypeError('maxSteps must be at least 1');
+
+  const signal = streamOptions.signal;
+  const results = [];
+  const allCalls = [];
+  let usage = null;
+  const summary = (last) => ({
+    text: last.text,
+    messages: history,
+    steps: results.length,
+    finishReason: last.finishReason,
+    usage,
+    results,
+    events: results.reduce((n, r) => n + r.events, 0),
+    tokens: results.reduce((n, r) => n + r.tokens, 0),
+    resumes: results.reduce((n, r) => n + r.resumes, 0),
+    toolCalls: allCalls,
+  });
+
+  for (let step = 1; ; step++) {
+    if (onStep) onStep({ step, messages: history });
+    let result;
+    try {
+      result = await stream({ ...streamOptions, body: { ...body, messages: history } });
+    } catch (err) {
+      err.messages = history;
+      err.steps = results.length + 1;
+      throw err;
+    }
+    results.push(result);
+    usage = addUsage(usage, result.usage);
+    const calls = result.finishReason === 'tool_calls' ? result.toolCalls : [];
+    if (calls.length === 0) {
+      // The answer (or what came of it before a cancel).
+      if (result.text || result.finishReason !== 'cancelled') {
+        history.push({ role: 'assistant', content: result.text });
+      }
+      return summary(result);
+    }
+    if (step >= maxSteps) {
+      const err = new GatewayError(
+        'too_many_steps',
+        `the model still asks for tools after ${maxSteps} model calls (maxSteps ${maxSteps})`,
+      );
+      err.text = result.text;
+      err.generationId = result.generationId;
+      err.messages = history;
+      err.steps = results.length;
+      err.toolCalls = calls;
+      if (options.onError) options.onError(err);
+      throw err;
+    }
+    history.push(assistantToolMessage(result.text, calls));
+    allCalls.push(...calls);
+    const outcomes = await Promise.all(calls.map((call) => registry.call(call, { signal })));
+    calls.forEach((call, i) => {
+      history.push({ role: 'tool', tool_call_id: call.id, content: outcomes[i].content });
+      if (onToolResult) onToolResult(call, outcomes[i], step);
+    });
+    if (signal && signal.aborted) {
+      // Stopped while the tools ran: the conversation holds their results.
+      return summary({ ...result, text: '', finishReason: 'cancelled' });
     }
   }
 }
