@@ -196,7 +196,8 @@ class StreamTracker:
         # What an agent's operator asks first: did it call tools, which, did it think.
         tool_calls = getattr(generation, "tool_calls", None)
         if tool_calls:
-            fields["tool_calls"] = tool_calls[:_LOGGED_TOOL_CALLS]
+            # Names come from the upstream as well: bounded in count and length.
+            fields["tool_calls"] = [name[:64] for name in tool_calls[:_LOGGED_TOOL_CALLS]]
         if getattr(generation, "reasoning_events", 0):
             fields["reasoning_tokens"] = generation.reasoning_events
         return fields
