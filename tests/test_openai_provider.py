@@ -546,8 +546,8 @@ async def test_refusals_are_not_retried_and_never_leak_the_key(
     events = await chunked(server)
     error = events[-1]
     assert error["type"] == "error" and error["code"] == "upstream_error"
-    assert "'gpt'" in error["message"] and fake_upstream.base_url in error["message"]
-    assert f"answered {status}" in error["message"]
+    assert "'gpt'" in error["message"] and f"answered {status}" in error["message"]
+    assert "127.0.0.1" not in error["message"]  # the model's name, never its URL
     assert len(fake_upstream.requests) == 1
     url = server.make_url("/v1/chat/completions")
     async with aiohttp.ClientSession() as session:
@@ -652,7 +652,33 @@ async def test_a_closed_port_is_an_upstream_error_after_retries(
     assert now() - began >= 0.37  # one backoff: it was retried
     assert [e["type"] for e in events] == ["start", "error"]
     assert events[-1]["code"] == "upstream_error" and events[-1]["retryable"] is True
-    assert "connection failed" in events[-1]["message"] and base_url in events[-1]["message"]
+    assert "connection failed" in events[-1]["message"] and "127.0.0.1" not in events[-1]["message"]
+
+
+async def test_clients_see_the_models_name_and_logs_the_url_without_its_credentials(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream URL names internal hosts and may carry a password: it is for
+    operators (the log), never for clients (events, HTTP errors)."""
+    caplog.set_level(logging.INFO)
+    fake_upstream.fail_status, fake_upstream.fail_times = 400, 99
+    base_url = fake_upstream.base_url.replace("http://", "http://ops:hunter2-secret@")
+    server = await gateway(start_gateway, openai_model(base_url, api_key=None))
+    events = await chunked(server)
+    url = server.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=chat_body(BODY, True), headers=AUTH) as response:
+            body = await response.text()
+    host = fake_upstream.base_url.removeprefix("http://").split("/")[0]
+    for seen_by_client in (events[-1]["message"], body):
+        assert "'gpt'" in seen_by_client
+        assert host not in seen_by_client and "hunter2" not in seen_by_client
+    logged = [r for r in caplog.records if r.getMessage() == "upstream failed"]
+    assert logged and all(vars(r)["upstream"] == fake_upstream.base_url for r in logged)
+    assert "hunter2" not in caplog.text
+    # The URL's credentials went to the upstream as Basic auth, not as part of the URL.
+    sent = fake_upstream.requests[0].headers["Authorization"]
+    assert sent == aiohttp.encode_basic_auth("ops", "hunter2-secret")
 
 
 async def test_a_closed_port_falls_back(

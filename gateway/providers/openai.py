@@ -17,6 +17,7 @@ closes the HTTP response, which closes the upstream TCP connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -31,6 +32,8 @@ from gateway.events import dumps_compact
 from gateway.providers.base import Delta, Finish, Item, Usage
 from gateway.providers.openai_deltas import DeltaReader
 from gateway.schema import GenerationRequest
+
+log = logging.getLogger(__name__)
 
 #: Status codes worth another try before the first token (as the SDK's own policy).
 RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -57,16 +60,20 @@ class OpenAIProvider:
     def __init__(self, model: OpenAIModel) -> None:
         self._model = model
         self._key = model.api_key.get_secret_value() if model.api_key else None
-        self._label = f"upstream {model.name!r} ({model.base_url})"
+        # Clients see the model's name only: the URL may name internal hosts or
+        # carry credentials. It goes to the log, with any userinfo redacted.
+        self._label = f"upstream {model.name!r}"
+        self._logged_url = _without_userinfo(model.base_url)
         # Parsed once: aiohttp would parse a str URL on every request.
-        self._url = URL(model.base_url.rstrip("/") + "/chat/completions")
+        url = URL(model.base_url.rstrip("/") + "/chat/completions")
+        self._url = url.with_user(None).with_password(None) if url.user else url
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "text/event-stream",
             # A compressed stream would be held back until a block fills.
             "Accept-Encoding": "identity",
             "User-Agent": USER_AGENT,
-            **({"Authorization": f"Bearer {self._key}"} if self._key else {}),
+            **_authorization(self._key, url),
             **model.headers,
         }
         self._session: aiohttp.ClientSession | None = None
@@ -132,31 +139,47 @@ class OpenAIProvider:
             headers = {**headers, "X-Request-ID": request.request_id}
         responded = False
         try:
-            # First token within timeout_s (sock_read bounds each gap after it).
-            async with asyncio.timeout(self._model.timeout_s) as first_token_deadline:
-                async with self._client().post(self._url, data=body, headers=headers) as response:
-                    if response.status != 200:
-                        raise await self._status_error(response)
-                    responded = True
-                    async for item in self._read(response.content, request):
-                        if first_token_deadline.when() is not None:
-                            first_token_deadline.reschedule(None)
-                        yield item
-        except aiohttp.ServerTimeoutError:  # before TimeoutError: it is one
-            silent = f"{self._label} was silent for {self._model.timeout_s} s or did not connect"
-            raise UpstreamTimeout(silent) from None
-        except TimeoutError:
-            message = f"{self._label} sent no token within {self._model.timeout_s} s"
-            raise UpstreamTimeout(message) from None
-        except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-            raise UpstreamError(
-                f"{self._label} connection failed: {_cause_name(exc)}", result="connect_error"
-            ) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError(
-                f"{self._label} connection failed: {_cause_name(exc)}",
-                result="stream_error" if responded else "connect_error",
-            ) from None
+            try:
+                # First token within timeout_s (sock_read bounds each gap after it).
+                async with asyncio.timeout(self._model.timeout_s) as first_token_deadline:
+                    async with self._client().post(
+                        self._url, data=body, headers=headers
+                    ) as response:
+                        if response.status != 200:
+                            raise await self._status_error(response)
+                        responded = True
+                        async for item in self._read(response.content, request):
+                            if first_token_deadline.when() is not None:
+                                first_token_deadline.reschedule(None)
+                            yield item
+            except aiohttp.ServerTimeoutError:  # before TimeoutError: it is one
+                silent = (
+                    f"{self._label} was silent for {self._model.timeout_s} s or did not connect"
+                )
+                raise UpstreamTimeout(silent) from None
+            except TimeoutError:
+                message = f"{self._label} sent no token within {self._model.timeout_s} s"
+                raise UpstreamTimeout(message) from None
+            except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+                raise UpstreamError(
+                    f"{self._label} connection failed: {_cause_name(exc)}", result="connect_error"
+                ) from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise UpstreamError(
+                    f"{self._label} connection failed: {_cause_name(exc)}",
+                    result="stream_error" if responded else "connect_error",
+                ) from None
+        except UpstreamError as exc:
+            log.warning(
+                "upstream failed",
+                extra={
+                    "model": self._model.name,
+                    "upstream": self._logged_url,
+                    "error": exc.message,
+                    "request_id": request.request_id,
+                },
+            )
+            raise
 
     async def _read(
         self, content: aiohttp.StreamReader, request: GenerationRequest
@@ -266,6 +289,25 @@ class OpenAIProvider:
             fallback=status not in {400, 422},
             result=str(status),
         )
+
+
+def _authorization(key: str | None, url: URL) -> dict[str, str]:
+    """The `api_key` as a bearer; else credentials written in the URL, as Basic auth.
+
+    aiohttp refuses a URL with credentials next to an `Authorization` header
+    (a ValueError on every request), so the URL never carries them itself.
+    """
+    if key:
+        return {"Authorization": f"Bearer {key}"}
+    if url.user:
+        return {"Authorization": aiohttp.encode_basic_auth(url.user, url.password or "")}
+    return {}
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL with any `user:password@` replaced, for logs."""
+    parsed = URL(url)
+    return str(parsed.with_user(None).with_password(None)) if parsed.user else url
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
