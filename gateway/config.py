@@ -72,6 +72,12 @@ class StreamSettings(_Section):
 
 class SimulatedModel(_Section):
     name: str = Field(min_length=1)
+    #: Extension of the contract: the bound on one running generation's log
+    #: (its events' JSON plus their overhead); past it the answer ends in an error.
+    max_generation_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
+    #: Extension of the contract: the bound on the logs of all running generations
+    #: of a replica; the generation whose append crosses it ends in an error.
+    max_live_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
     provider: Literal["simulated"]
     tokens_per_second: float = Field(default=50, gt=0)
     first_token_ms: float = Field(default=150, ge=0)

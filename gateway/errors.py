@@ -96,6 +96,21 @@ class Overloaded(GatewayError):
     retryable = True
 
 
+class AnswerTooLarge(GatewayError):
+    """One answer outgrew `streams.max_generation_bytes`: asking again gets the same."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class LogsFull(GatewayError):
+    """This replica's running logs reached `streams.max_live_bytes`: another may have room."""
+
+    status = 503
+    code = "rate_limited"
+    retryable = True
+
+
 class UpstreamError(GatewayError):
     """The upstream failed. `status` is what the OpenAI-compatible route answers
     when this happens before the first token (429 stays 429 so SDKs back off)."""

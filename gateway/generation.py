@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, Literal
 
-from gateway.errors import GatewayError, InternalError, UpstreamError
+from gateway.errors import AnswerTooLarge, GatewayError, InternalError, LogsFull, UpstreamError
 from gateway.events import DELTA_TYPES, EVENT_OVERHEAD_BYTES, Event, EventType
 from gateway.providers.base import Delta, Finish, Provider, ToolCallDelta, Usage
 from gateway.schema import GenerationRequest
@@ -33,6 +33,33 @@ log = logging.getLogger(__name__)
 StopCause = Literal["client_disconnected", "cancelled", "shutdown"]
 #: Delivers token events synchronously to a caught-up reader; False: not now.
 Push = Callable[[list[Event]], bool]
+
+
+class LogBudget:
+    """The bytes held by the logs of a replica's running generations, and their bounds.
+
+    `streams.retention_max_bytes` bounds finished logs; without these, a few
+    long answers that run on with nobody reading (`on_disconnect: finish`)
+    could hold gigabytes. Checked once per upstream read, not per token.
+    """
+
+    __slots__ = ("limit", "per_generation", "used")
+
+    def __init__(self, per_generation: int, limit: int) -> None:
+        self.per_generation = per_generation
+        self.limit = limit
+        self.used = 0
+
+    def exceeded(self, size: int) -> GatewayError:
+        if size > self.per_generation:
+            return AnswerTooLarge(
+                f"the answer outgrew this gateway's bound of {self.per_generation} bytes a"
+                " generation (streams.max_generation_bytes): ask for fewer max_tokens"
+            )
+        return LogsFull(
+            f"this replica's running answers hold its bound of {self.limit} bytes"
+            " (streams.max_live_bytes); retry"
+        )
 
 
 class Generation:
@@ -48,6 +75,7 @@ class Generation:
         provider: Provider,
         resume_grace_s: float,
         on_finished: Callable[[Generation], None],
+        budget: LogBudget | None = None,
     ) -> None:
         self.id = generation_id
         self.principal = principal
@@ -64,6 +92,7 @@ class Generation:
         self._grace_s = resume_grace_s
         self._grace_timer: asyncio.TimerHandle | None = None
         self._on_finished = on_finished
+        self._budget = budget
         self._final_usage: Usage | None = None
         #: Subscriptions parked in `next_batch`, woken (or pushed to) by the next append.
         self._waiting: list[Subscription] = []
@@ -186,6 +215,8 @@ class Generation:
         self._cancel_grace_timer()
         if self._grace_check is not None:
             self._grace_check.cancel()
+        if self._budget is not None:
+            self._budget.used -= self.size_bytes  # a finished log counts toward retention
         self._on_finished(self)
 
     @property
@@ -201,22 +232,18 @@ class Generation:
     def _append(self, type: EventType, fields: dict[str, Any]) -> None:
         event = Event(self.id, type, len(self.events), fields)
         self.events.append(event)
-        self.size_bytes += len(event.json) + EVENT_OVERHEAD_BYTES
+        size = len(event.json) + EVENT_OVERHEAD_BYTES
+        self.size_bytes += size
+        if self._budget is not None:
+            self._budget.used += size
         if self.on_append is not None:
             self.on_append(self, event)
         self._wake([event])
 
     def _append_tokens(self, texts: Sequence[str]) -> None:
         """Token events for the deltas of one upstream read, with one wake-up for all."""
-        events = self.events
-        seq = len(events)
-        added = [Event.token(self.id, seq + i, text) for i, text in enumerate(texts)]
-        events.extend(added)
-        self.size_bytes += sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
-        if self.on_append is not None:
-            for event in added:
-                self.on_append(self, event)
-        self._wake(added)
+        seq = len(self.events)
+        self._log([Event.token(self.id, seq + i, text) for i, text in enumerate(texts)])
 
     def _append_deltas(self, deltas: Sequence[Delta]) -> None:
         """Events for a read that brought reasoning or tool-call deltas, in upstream order."""
@@ -234,14 +261,24 @@ class Generation:
                 self.reasoning_events += 1
             kind: EventType = "tool_call" if isinstance(delta, ToolCallDelta) else "reasoning"
             added.append(Event(self.id, kind, seq + len(added), delta.fields()))
-        if not added:
-            return
+        if added:
+            self._log(added)
+
+    def _log(self, added: list[Event]) -> None:
+        """Append the answer events of one read, wake their readers once, then hold
+        the log to its bounds: past one, the answer ends in an error (raised into `_run`)."""
         self.events.extend(added)
-        self.size_bytes += sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
+        grown = sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
+        self.size_bytes += grown
         if self.on_append is not None:
             for event in added:
                 self.on_append(self, event)
         self._wake(added)
+        budget = self._budget
+        if budget is not None:
+            budget.used += grown
+            if self.size_bytes > budget.per_generation or budget.used > budget.limit:
+                raise budget.exceeded(self.size_bytes)
 
     def _wake(self, added: list[Event]) -> None:
         """Push tokens to caught-up pushing readers; wake every other waiting one.

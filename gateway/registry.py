@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from gateway.config import StreamSettings
 from gateway.errors import GatewayError, GenerationNotFound
-from gateway.generation import Generation
+from gateway.generation import Generation, LogBudget
 from gateway.providers.base import Provider
 from gateway.ratelimit import Lease
 from gateway.schema import GenerationRequest
@@ -39,6 +39,7 @@ class GenerationRegistry:
     ) -> None:
         self._settings = settings
         self._on_ended = on_ended
+        self._budget = LogBudget(settings.max_generation_bytes, settings.max_live_bytes)
         self._shared_log = shared_log
         self._running: dict[str, Generation] = {}
         self._finished: OrderedDict[str, Generation] = OrderedDict()
@@ -54,6 +55,11 @@ class GenerationRegistry:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes held by the logs of running generations (`streams.max_live_bytes`)."""
+        return self._budget.used
 
     @property
     def finished_bytes(self) -> int:
@@ -80,6 +86,7 @@ class GenerationRegistry:
             provider=provider,
             resume_grace_s=resume_grace_s,
             on_finished=self._retain,
+            budget=self._budget,
         )
         self._running[generation.id] = generation
         if self._shared_log is not None:
