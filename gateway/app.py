@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -24,6 +25,7 @@ from gateway.keys import (
     retry_after_key,
     settings_key,
     shared_log_key,
+    socket_counts_key,
     stream_cap_key,
     websockets_key,
 )
@@ -130,6 +132,7 @@ def create_app(settings: Settings) -> web.Application:
     app[retry_after_key] = RetryAfterEstimate()
     app[stream_cap_key] = cap = stream_cap(settings.server.max_streams, open_files_stream_cap())
     app[websockets_key] = set()
+    app[socket_counts_key] = Counter()
     app[metrics_key] = new_metrics(settings, cap)
     add_routes(app)
     add_metrics_route(app)

@@ -72,6 +72,13 @@ class StreamSettings(_Section):
 
 class SimulatedModel(_Section):
     name: str = Field(min_length=1)
+    #: Extension of the contract: a WebSocket's messages, sustained per second and
+    #: in a burst; past them it is closed with 1008 (a flood, not a client).
+    ws_messages_per_s: float = Field(default=50, gt=0)
+    ws_message_burst: int = Field(default=200, ge=1)
+    #: Extension of the contract: open WebSockets per principal (per client IP when
+    #: anonymous) on a replica; one more is refused with 429 (0: no cap).
+    max_sockets_per_principal: int = Field(default=16, ge=0)
     #: Extension of the contract: the bound on one running generation's log
     #: (its events' JSON plus their overhead); past it the answer ends in an error.
     max_generation_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +46,8 @@ metrics_key = web.AppKey("metrics", GatewayMetrics)
 shared_log_key = web.AppKey("shared_log", SharedLog)
 #: Open WebSocket sessions, closed with 1012 at the end of a drain.
 websockets_key: web.AppKey[set[OpenSocket]] = web.AppKey("websockets")
+#: Open WebSockets per principal's rate key (`streams.max_sockets_per_principal`).
+socket_counts_key: web.AppKey[Counter[str]] = web.AppKey("socket_counts")
 
 #: Who is calling, set by the access middleware on every non-open route.
 principal_key = web.RequestKey("principal", Principal)

@@ -4,6 +4,12 @@ The handler task is the only reader (aiohttp allows one). Each generation
 or resume gets a forwarding task that writes frames; when the socket ends,
 the forwarders are cancelled, which detaches their subscriptions and so
 starts the generations' grace timers exactly as a dropped HTTP stream does.
+
+A socket outlives the request that opened it, so what HTTP checks once per
+request is checked here per message or per socket: a message rate (a flood
+is closed with 1008), open sockets per principal, and the credential's
+expiry (a socket whose JWT or ticket expired starts nothing new; its running
+generations finish).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from gateway.auth import Unauthorized
 from gateway.errors import GatewayError, InvalidRequest, TooManyStreams
 from gateway.events import Event
 from gateway.generation import Generation, Subscription
-from gateway.keys import settings_key, websockets_key
+from gateway.keys import principal, settings_key, socket_counts_key, websockets_key
 from gateway.observe import StreamTracker, end_stream, log_stream, track_stream
 from gateway.schema import parse_json_object
 from gateway.transports.common import (
@@ -43,6 +50,25 @@ def encode_ws(event: Event) -> bytes:
 def with_request_id(request_id: str, encoded: bytes) -> bytes:
     """Splice this socket's `request_id` into a shared encoding without re-serialising."""
     return b'{"request_id":%s,%s' % (orjson.dumps(request_id), encoded[1:])
+
+
+class MessageRate:
+    """A token bucket over one socket's messages: `burst` at once, `per_s` sustained."""
+
+    __slots__ = ("_at", "_burst", "_per_s", "_tokens")
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        self._per_s, self._burst = per_s, float(burst)
+        self._tokens, self._at = float(burst), time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 def _request_id(message: dict[str, Any]) -> str:
@@ -106,6 +132,8 @@ class WebSocketSession:
                 message.get("request_id") if isinstance(message.get("request_id"), str) else None
             )
             kind = message.get("type")
+            if kind in ("generate", "resume"):
+                self._check_credential()
             if kind == "generate":
                 await self._generate(message, arrival)
             elif kind == "resume":
@@ -116,6 +144,14 @@ class WebSocketSession:
                 raise InvalidRequest("type: must be one of generate, resume, cancel")
         except GatewayError as exc:
             await self.send_error(request_id, exc)
+
+    def _check_credential(self) -> None:
+        """A JWT or ticket that expired while the socket was open starts nothing new."""
+        expires_at = principal(self._request).expires_at
+        if expires_at is not None and time.time() >= expires_at:
+            raise Unauthorized(
+                "this socket's credential has expired: reconnect with a new one", "expired"
+            )
 
     async def send_error(self, request_id: str | None, exc: GatewayError) -> None:
         frame = {"type": "error", "request_id": request_id, **exc.event_fields()}
@@ -196,18 +232,48 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
     """GET /v1/stream/ws"""
     ensure_accepting(request)
     settings = request.app[settings_key]
+    streams = settings.streams
+    counts = request.app[socket_counts_key]
+    owner = principal(request).rate_key
+    cap = streams.max_sockets_per_principal
+    if cap and counts[owner] >= cap:
+        raise TooManyStreams(
+            f"at most {cap} WebSockets may be open per principal; close one, or multiplex"
+            " generations on one socket",
+            headers={
+                "Retry-After": "1",
+                "RateLimit-Limit": str(cap),
+                "RateLimit-Remaining": "0",
+                "RateLimit-Reset": "1",
+            },
+        )
     ws = web.WebSocketResponse(
-        heartbeat=settings.streams.heartbeat_s,
+        heartbeat=streams.heartbeat_s,
         compress=False,  # deflate would hold small token frames (NOTES §3)
         max_msg_size=settings.server.max_body_bytes,
     )
     await ws.prepare(request)
+    counts[owner] += 1
+    try:
+        await _serve(request, ws, MessageRate(streams.ws_messages_per_s, streams.ws_message_burst))
+    finally:
+        counts[owner] -= 1
+        if counts[owner] <= 0:
+            del counts[owner]
+    return ws
+
+
+async def _serve(request: web.Request, ws: web.WebSocketResponse, rate: MessageRate) -> None:
     async with WebSocketSession(request, ws) as session:
         async for message in ws:
+            if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue
+            if not rate.allow():
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"message rate exceeded")
+                break
             if message.type is WSMsgType.TEXT:
                 await session.handle(message.data)
-            elif message.type is WSMsgType.BINARY:
+            else:
                 await session.send_error(
                     None, InvalidRequest("binary frames are not accepted; send JSON text")
                 )
-    return ws
