@@ -8,20 +8,31 @@ silently downgrade a tenant to the anonymous budget.
 
 Stream tickets are short-lived HS256 JWTs that we sign ourselves, bound to the
 principal that minted them, so a backend that holds an API key can hand a
-browser a credential without any JWT infrastructure of its own.
+browser a credential without any JWT infrastructure of its own. A ticket opens
+GET streams only (SSE, the WebSocket upgrade, a generation's events), from the
+query, a header or the cookie; anything else (POST, DELETE, minting) needs the
+key or JWT itself. `?access_token=` takes tickets only unless
+`auth.query_token: any`: URLs end up in proxy access logs, and a ticket there
+dies within minutes (or after one stream, with `auth.tickets_single_use`). A
+ticket never outlives what minted it: it dies with its key, and one minted by
+a JWT expires no later than that JWT.
+
+Refusals carry fixed messages; PyJWT's reasons go to the log only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
 import ipaddress
+import logging
 import math
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jwt
@@ -29,12 +40,28 @@ import jwt
 from gateway.config import ApiKey, AuthSettings, JwtSettings, Limits, Settings
 from gateway.errors import GatewayError
 
+log = logging.getLogger(__name__)
+
 PrincipalKind = Literal["key", "jwt", "ticket", "anonymous"]
+CredentialSource = Literal["header", "query", "cookie"]
 TICKET_AUDIENCE = "gateway-stream-ticket"
 TICKET_ISSUER = "gateway"
 ANONYMOUS_ID = "anonymous"
-#: GET routes whose clients cannot send headers, so `?access_token=` is accepted.
-QUERY_TOKEN_ROUTES = ("/v1/stream/sse", "/v1/stream/ws", "/v1/generations/")
+#: GET routes whose clients cannot send headers (EventSource, the browser
+#: WebSocket): the only ones that take `?access_token=`, and a ticket at all.
+STREAM_GET_ROUTE = re.compile(r"/v1/stream/sse|/v1/stream/ws|/v1/generations/[^/]+/events")
+#: A JWT `sub` longer than this is hashed into the principal id, never cut.
+MAX_SUBJECT_CHARS = 128
+#: Spent ticket ids are kept this long past their ticket's expiry (clock rounding).
+SPENT_MARGIN_S = 5.0
+TICKET_ROUTES_ONLY = (
+    "a stream ticket opens GET streams only (/v1/stream/sse, /v1/stream/ws, "
+    "/v1/generations/{id}/events); send your key or JWT as Authorization: Bearer"
+)
+QUERY_TICKETS_ONLY = (
+    "access_token in the query takes a stream ticket only (mint one with POST "
+    "/v1/tickets); send keys and JWTs as Authorization: Bearer"
+)
 #: The parameter name with any of its characters percent-encoded (`access%5Ftoken` is
 #: decoded to `access_token` by the query parser, so it is a credential too).
 _TOKEN_NAME = "".join(f"(?:{re.escape(c)}|%{ord(c):02x})" for c in "access_token")
@@ -57,12 +84,85 @@ class Forbidden(GatewayError):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """`id` owns generations and appears in logs; `rate_key` is whose budget is charged."""
+    """`id` owns generations and appears in logs; `rate_key` is whose budget is charged.
+
+    `expires_at` (epoch seconds) is when the credential itself expires (a JWT's or
+    ticket's `exp`): a ticket minted from it must not live longer.
+    """
 
     id: str
     kind: PrincipalKind
     limits: Limits
     rate_key: str
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """A presented token, where it came from, and whether the request is a GET
+    stream route (the only place a stream ticket opens)."""
+
+    token: str = field(repr=False)
+    source: CredentialSource
+    stream_get: bool
+
+
+def is_stream_get(method: str, path: str) -> bool:
+    return method == "GET" and STREAM_GET_ROUTE.fullmatch(path) is not None
+
+
+def jwt_principal_id(subject: str) -> str:
+    """`sub:<subject>`; a subject over 128 characters is hashed, never cut (two long
+    subjects with a common start were one principal, sharing generations and budget).
+    The `jwt:` prefix keeps hashed ids apart from every short subject."""
+    if len(subject) <= MAX_SUBJECT_CHARS:
+        return "sub:" + subject
+    digest = hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()
+    return "jwt:sha256:" + digest
+
+
+def _log_refusal(what: str, exc: Exception, token: str) -> None:
+    """PyJWT's reason, for the operator only: the client gets a fixed message (the
+    reason tells a forger which check to beat). The token itself is cut out."""
+    detail = str(exc)
+    for part in sorted({token, *token.split(".")}, key=len, reverse=True):
+        if len(part) >= 8:
+            detail = detail.replace(part, "***")
+    level = logging.WARNING if isinstance(exc, jwt.PyJWKClientConnectionError) else logging.INFO
+    log.log(
+        level,
+        "%s refused",
+        what,
+        extra={"error": type(exc).__name__, "detail": redact_tokens(detail[:300])},
+    )
+
+
+class UsedTickets:
+    """Ids (`jti`) of spent single-use tickets, each kept until its ticket expires.
+
+    In memory, per process: with several replicas a ticket could open one stream
+    on each (sharing this through Redis is `SET used:<jti> 1 NX EXAT <exp>`).
+    """
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._expiries: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def spend(self, jti: str, expires_at: float, now: float | None = None) -> bool:
+        """True the first time `jti` is spent, False on every later try."""
+        now = time.time() if now is None else now
+        while self._expiries and self._expiries[0][0] <= now:
+            _, gone = heapq.heappop(self._expiries)
+            del self._until[gone]
+        if jti in self._until:
+            return False
+        until = expires_at + SPENT_MARGIN_S
+        self._until[jti] = until
+        heapq.heappush(self._expiries, (until, jti))
+        return True
 
 
 def redact_tokens(text: str) -> str:
@@ -114,34 +214,54 @@ class Authenticator:
         self._ticket_secret = (
             secret.get_secret_value().encode() if secret is not None else secrets.token_bytes(32)
         )
+        self._used_tickets = UsedTickets()
         self._jwks: jwt.PyJWKClient | None = None
         if self._auth.jwt is not None and self._auth.jwt.jwks_url:
             self._jwks = jwt.PyJWKClient(self._auth.jwt.jwks_url, cache_keys=True, lifespan=300)
+        if self._auth.jwt is not None and self._auth.jwt.audience is None:
+            log.warning(
+                "auth.jwt.audience is null: JWTs are not bound to this gateway (any token "
+                "from the same issuer and key without an aud claim is accepted); set it"
+            )
+        if self._auth.tickets_single_use and "redis" in (
+            settings.streams.backend,
+            settings.rate_limit.backend,
+        ):
+            log.warning(
+                "auth.tickets_single_use is enforced per replica (spent tickets are kept "
+                "in memory): with several replicas a ticket may open one stream on each"
+            )
+        if self._auth.query_token == "any":
+            log.warning(
+                "auth.query_token is any: API keys and JWTs are accepted in URLs, where "
+                "proxy access logs keep them; prefer stream tickets (query_token: true)"
+            )
 
     # -- credentials -----------------------------------------------------------
 
     def credential(
         self, method: str, path: str, headers: Any, query: Any, cookies: Any
-    ) -> str | None:
+    ) -> Credential | None:
         """The presented token, from the first source that has one."""
+        stream_get = is_stream_get(method, path)
         header = headers.get("Authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthorized("Authorization must be 'Bearer <token>'", "malformed")
-            return token.strip()
+            return Credential(token.strip(), "header", stream_get)
         if "access_token" in query:
             if not self._auth.query_token:
                 raise Unauthorized("access_token in the query is disabled", "query_disabled")
-            if method != "GET" or not path.startswith(QUERY_TOKEN_ROUTES):
+            if not stream_get:
                 raise Unauthorized(
                     "access_token is accepted only on GET stream routes; "
                     "send Authorization: Bearer instead",
                     "query_not_allowed",
                 )
-            return str(query["access_token"])
+            return Credential(str(query["access_token"]), "query", stream_get)
         if self._auth.cookie and self._auth.cookie in cookies:
-            return str(cookies[self._auth.cookie])
+            return Credential(str(cookies[self._auth.cookie]), "cookie", stream_get)
         return None
 
     @property
@@ -150,9 +270,12 @@ class Authenticator:
         return self._auth.anonymous and not self._keys and self._auth.jwt is None
 
     async def authenticate(
-        self, token: str | None, remote: str | None, xff: str | None
+        self, credential: Credential | str | None, remote: str | None, xff: str | None
     ) -> Principal:
-        if token is None or self._nothing_to_check:
+        """A plain string counts as a bearer header on a route that is no GET stream."""
+        if isinstance(credential, str):
+            credential = Credential(credential, "header", stream_get=False)
+        if credential is None or self._nothing_to_check:
             # With no credential configured a bearer is ignored: OpenAI SDKs
             # insist on sending a key, and there is none to check it against.
             if not self._auth.anonymous:
@@ -161,12 +284,18 @@ class Authenticator:
                 )
             ip = client_ip(remote, xff, self._trusted)
             return Principal(ANONYMOUS_ID, "anonymous", self._default_limits, "ip:" + ip)
+        token = credential.token
+        if credential.source == "query" and self._auth.query_token is True:
+            # Tickets only: no key or JWT is even looked at, valid or not.
+            if not self._is_ticket_shaped(token):
+                raise Unauthorized(QUERY_TICKETS_ONLY, "query_not_ticket")
+            return self._verify_ticket(credential)
         key = self._match_key(token)
         if key is not None:
             limits = key.limits or self._default_limits
             return Principal("key:" + key.id, "key", limits, "key:" + key.id)
         if token.count(".") == 2:
-            return await self._verify_jwt(token)
+            return await self._verify_jwt(credential)
         raise Unauthorized("invalid API key", "invalid_key")
 
     def _match_key(self, token: str) -> ApiKey | None:
@@ -180,20 +309,32 @@ class Authenticator:
 
     # -- JWTs and tickets ------------------------------------------------------
 
-    async def _verify_jwt(self, token: str) -> Principal:
+    @staticmethod
+    def _is_ticket_shaped(token: str) -> bool:
+        """Claims (unverified) of a ticket: `_verify_ticket` then checks everything."""
+        if token.count(".") != 2:
+            return False
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise Unauthorized("malformed token", "malformed_token") from None
+        return claims.get("aud") == TICKET_AUDIENCE
+
+    async def _verify_jwt(self, credential: Credential) -> Principal:
+        token = credential.token
         try:
             header = jwt.get_unverified_header(token)
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
             raise Unauthorized("malformed token", "malformed_token") from None
         if claims.get("aud") == TICKET_AUDIENCE:
-            return self._verify_ticket(token)
+            return self._verify_ticket(credential)
         settings = self._auth.jwt
         if settings is None:
             raise Unauthorized("invalid API key", "invalid_key")
         algorithm = header.get("alg")
         if algorithm not in settings.algorithms:
-            raise Unauthorized(f"token algorithm {algorithm!r} is not accepted", "bad_algorithm")
+            raise Unauthorized("token algorithm is not accepted", "bad_algorithm")
         key = await self._verification_key(settings, algorithm, token)
         try:
             verified = jwt.decode(
@@ -208,9 +349,16 @@ class Authenticator:
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired", "expired") from None
         except jwt.PyJWTError as exc:
-            raise Unauthorized(f"invalid token: {exc}", "invalid_token") from None
-        subject = str(verified["sub"])[:128]
-        return Principal("sub:" + subject, "jwt", self._default_limits, "sub:" + subject)
+            _log_refusal("jwt", exc, token)
+            raise Unauthorized("invalid token", "invalid_token") from None
+        principal_id = jwt_principal_id(str(verified["sub"]))
+        return Principal(
+            principal_id,
+            "jwt",
+            self._default_limits,
+            principal_id,
+            expires_at=float(verified["exp"]),
+        )
 
     async def _verification_key(self, settings: JwtSettings, algorithm: str, token: str) -> Any:
         # One key per algorithm, never the RSA public key as an HMAC secret.
@@ -224,42 +372,54 @@ class Authenticator:
             # PyJWKClient fetches with blocking urllib; keep it off the loop.
             signing_key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
         except jwt.PyJWTError as exc:
-            raise Unauthorized(f"no signing key for this token: {exc}", "jwks") from None
+            _log_refusal("jwt", exc, token)
+            raise Unauthorized("no signing key for this token", "jwks") from None
         return signing_key.key
 
     def mint_ticket(self, principal: Principal, ttl_s: float | None = None) -> tuple[str, int]:
-        """A short-lived credential for a browser, bound to `principal`."""
+        """A short-lived credential for a browser, bound to `principal`, expiring
+        no later than the credential that asked for it."""
         if principal.kind == "anonymous":
             raise Unauthorized("tickets are minted only for a credential", "missing")
-        if principal.kind == "ticket":
-            raise Forbidden("a ticket cannot mint another ticket")
+        if principal.kind == "ticket":  # refused before this (tickets open GET streams only)
+            raise Unauthorized(TICKET_ROUTES_ONLY, "ticket_not_allowed")
+        now = time.time()
         ttl = min(ttl_s or self._auth.ticket_ttl_s, self._auth.ticket_ttl_s)
         # Rounded up: truncating could hand out a ticket that is already expired.
-        expires_at = math.ceil(time.time() + ttl)
+        expires_at = math.ceil(now + ttl)
+        if principal.expires_at is not None:
+            # Rounded down: the ticket must not outlive the JWT, even by a second.
+            ceiling = math.floor(principal.expires_at)
+            if ceiling <= now:  # accepted within the leeway, but nothing left to lend
+                raise Unauthorized("token expired", "expired")
+            expires_at = min(expires_at, ceiling)
         claims = {
             "iss": TICKET_ISSUER,
             "aud": TICKET_AUDIENCE,
             "sub": principal.id,
             "exp": expires_at,
-            "iat": int(time.time()),
+            "iat": int(now),
             "jti": secrets.token_urlsafe(9),
         }
         return jwt.encode(claims, self._ticket_secret, algorithm="HS256"), expires_at
 
-    def _verify_ticket(self, token: str) -> Principal:
+    def _verify_ticket(self, credential: Credential) -> Principal:
+        if not credential.stream_get:
+            raise Unauthorized(TICKET_ROUTES_ONLY, "ticket_not_allowed")
         try:
             claims = jwt.decode(
-                token,
+                credential.token,
                 self._ticket_secret,
                 algorithms=["HS256"],
                 audience=TICKET_AUDIENCE,
                 issuer=TICKET_ISSUER,
-                options={"require": ["exp", "sub"]},
+                options={"require": ["exp", "sub", "jti"]},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("ticket expired; mint a new one", "expired") from None
         except jwt.PyJWTError as exc:
-            raise Unauthorized(f"invalid ticket: {exc}", "invalid_ticket") from None
+            _log_refusal("ticket", exc, credential.token)
+            raise Unauthorized("invalid ticket", "invalid_ticket") from None
         owner = str(claims["sub"])
         limits = self._default_limits
         if owner.startswith("key:"):
@@ -267,4 +427,15 @@ class Authenticator:
             if key is None:  # the key was removed since: its tickets die with it
                 raise Unauthorized("invalid ticket: its key no longer exists", "invalid_ticket")
             limits = key.limits or self._default_limits
-        return Principal(owner, "ticket", limits, owner)
+        elif not owner.startswith(("sub:", "jwt:")) or self._auth.jwt is None:
+            # A JWT subject's ticket dies with the JWT configuration.
+            raise Unauthorized("invalid ticket: its credential no longer exists", "invalid_ticket")
+        expires_at = float(claims["exp"])
+        if self._auth.tickets_single_use and not self._used_tickets.spend(
+            str(claims["jti"]), expires_at
+        ):
+            raise Unauthorized(
+                "this stream ticket was already used (auth.tickets_single_use); mint a new one",
+                "ticket_used",
+            )
+        return Principal(owner, "ticket", limits, owner, expires_at=expires_at)

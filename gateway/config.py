@@ -64,14 +64,14 @@ class StreamSettings(_Section):
     retention_s: float = Field(default=60, ge=0)
     #: Extension of the contract: the bound on finished logs kept for resume.
     retention_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    #: Extension of the contract: the bound on one running generation's log
+    #: (its events' JSON plus their overhead); past it the answer ends in an error.
+    max_generation_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
+    #: Extension of the contract: the bound on the logs of all running generations
+    #: of a replica; the generation whose append crosses it ends in an error.
+    max_live_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
     write_timeout_s: float = Field(default=30, gt=0)
     max_per_socket: int = Field(default=4, ge=1)
-    #: Extension of the contract: the SSE `retry:` sent in the first frame.
-    sse_retry_ms: int = Field(default=1000, ge=0)
-
-
-class SimulatedModel(_Section):
-    name: str = Field(min_length=1)
     #: Extension of the contract: a WebSocket's messages, sustained per second and
     #: in a burst; past them it is closed with 1008 (a flood, not a client).
     ws_messages_per_s: float = Field(default=50, gt=0)
@@ -79,12 +79,12 @@ class SimulatedModel(_Section):
     #: Extension of the contract: open WebSockets per principal (per client IP when
     #: anonymous) on a replica; one more is refused with 429 (0: no cap).
     max_sockets_per_principal: int = Field(default=16, ge=0)
-    #: Extension of the contract: the bound on one running generation's log
-    #: (its events' JSON plus their overhead); past it the answer ends in an error.
-    max_generation_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
-    #: Extension of the contract: the bound on the logs of all running generations
-    #: of a replica; the generation whose append crosses it ends in an error.
-    max_live_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
+    #: Extension of the contract: the SSE `retry:` sent in the first frame.
+    sse_retry_ms: int = Field(default=1000, ge=0)
+
+
+class SimulatedModel(_Section):
+    name: str = Field(min_length=1)
     provider: Literal["simulated"]
     tokens_per_second: float = Field(default=50, gt=0)
     first_token_ms: float = Field(default=150, ge=0)
@@ -126,12 +126,21 @@ class JwtSettings(_Section):
     secret: SecretStr | None = None
     public_key: str | None = None
     jwks_url: str | None = None
+    #: Required: the `aud` this gateway's tokens carry. An explicit `null` opts
+    #: out (only tokens without `aud` are then accepted, with a warning at start-up).
     audience: str | None = None
     issuer: str | None = None
     leeway_s: float = Field(default=30, ge=0, le=600)
 
     @model_validator(mode="after")
     def _check_keys(self) -> JwtSettings:
+        if "audience" not in self.model_fields_set:
+            # Without it, a token the identity provider issued for any other
+            # service (same issuer, same key) would be accepted here.
+            raise ValueError(
+                "audience: required (the `aud` your tokens carry for this gateway); "
+                "set audience: null to accept only tokens without one"
+            )
         if "HS256" in self.algorithms and self.secret is None:
             raise ValueError("secret: required when algorithms include HS256")
         if "RS256" in self.algorithms and not (self.public_key or self.jwks_url):
@@ -143,11 +152,24 @@ class AuthSettings(_Section):
     anonymous: bool = True
     api_keys: tuple[ApiKey, ...] = ()
     jwt: JwtSettings | None = None
-    query_token: bool = True
+    #: `?access_token=` on GET stream routes: `true` takes stream tickets only,
+    #: `any` keys and JWTs too (they end up in proxy logs), `false` none.
+    query_token: bool | Literal["any"] = True
+    #: A stream ticket opens one stream (used ticket ids are kept until they expire).
+    tickets_single_use: bool = False
     cookie: str | None = None
     #: Signs stream tickets; replicas must share it. None: random per process.
     ticket_secret: SecretStr | None = None
     ticket_ttl_s: float = Field(default=300, gt=0, le=3600)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _query_token_mode(cls, data: Any) -> Any:
+        # Checked first, so the error is one line (not one per member of the union).
+        value = data.get("query_token", True) if isinstance(data, dict) else True
+        if not (isinstance(value, bool) or value == "any"):
+            raise ValueError("query_token: must be true (stream tickets only), any, or false")
+        return data
 
 
 class RateLimitSettings(_Section):

@@ -64,5 +64,6 @@ def principal(request: web.Request) -> Principal:
 
 
 def principal_of(request: web.Request) -> str:
-    """The id that owns generations: `key:<id>`, `sub:<jwt sub>`, or `anonymous`."""
+    """The id that owns generations: `key:<id>`, `sub:<jwt sub>` (`jwt:sha256:<hex>` for
+    a `sub` over 128 characters), or `anonymous`."""
     return principal(request).id

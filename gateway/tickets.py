@@ -12,7 +12,9 @@ from gateway.transports.common import read_body
 
 
 async def create_ticket(request: web.Request) -> web.Response:
-    """Body (optional): `{"ttl_s": seconds}`, capped by `auth.ticket_ttl_s`."""
+    """Body (optional): `{"ttl_s": seconds}`, capped by `auth.ticket_ttl_s` and by the
+    expiry of the JWT that asks (a ticket never outlives its credential). A ticket
+    cannot mint another: the access middleware refuses it as a bearer here."""
     ttl_s: float | None = None
     raw = await read_body(request)
     if raw.strip():

@@ -146,7 +146,8 @@ async def test_no_leaks_after_1000_streams_dropped_at_random_points(
         "tokens_per_second": 2000,
         "first_token_ms": 2,
     }
-    server = await start_gateway(models=[model], streams={"resume_grace_s": 0, "retention_s": 0})
+    streams = {"resume_grace_s": 0, "retention_s": 0, "max_sockets_per_principal": 0}
+    server = await start_gateway(models=[model], streams=streams)
     registry = server.app[registry_key]
     rng = random.Random(2024)
     paths = ["/v1/stream/chunked", "/v1/stream/sse", "/v1/stream/ws"]

@@ -574,7 +574,9 @@ async def test_one_access_line_per_request_and_per_websocket_stream(
     caplog.set_level(logging.INFO, logger="gateway.access")
     server = await start_gateway(models=MODELS)
     async with aiohttp.ClientSession() as session:
-        url = server.make_url("/v1/stream/sse").with_query(prompt="hi", access_token=TEST_API_KEY)
+        async with session.post(server.make_url("/v1/tickets"), headers=AUTH) as response:
+            ticket = (await response.json())["ticket"]
+        url = server.make_url("/v1/stream/sse").with_query(prompt="hi", access_token=ticket)
         async with session.get(url, headers={"X-Request-ID": "req-42"}) as response:
             assert response.headers["X-Request-ID"] == "req-42"
             events, _ = await read_sse(response)
@@ -605,7 +607,7 @@ async def test_one_access_line_per_request_and_per_websocket_stream(
     assert len(ws_requests) == 1 and vars(ws_requests[0])["status"] == 101
     # Never a credential, in any field.
     for record in lines:
-        assert TEST_API_KEY not in str(vars(record))
+        assert TEST_API_KEY not in str(vars(record)) and ticket not in str(vars(record))
 
 
 async def test_access_log_can_be_turned_off(

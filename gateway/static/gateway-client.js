@@ -352,6 +352,31 @@ async function authHeaders(o, extra) {
   return headers;
 }
 
+/**
+ * The credential for a GET URL (EventSource, WebSocket): a stream ticket, never a
+ * key or JWT, which the gateway refuses in URLs (they end up in proxy logs).
+ * `options.ticket` if given; else, with a `token`, a fresh ticket minted with it
+ * (`POST /v1/tickets`, one per open, so single-use tickets work too). A token
+ * that may not mint (401) is a ticket itself, and is used as it is.
+ */
+async function urlCredential(o) {
+  if (o.ticket !== undefined && o.ticket !== null) return resolveToken(o.ticket);
+  const token = await resolveToken(o.token);
+  if (!token) return ''; // anonymous, or a cookie
+  const response = await fetch(urlFor(o, '/v1/tickets'), {
+    ...fetchInit(o),
+    method: 'POST',
+    headers: { Authorization: `Bearer ${token}`, Accept: 'application/json' },
+  });
+  if (response.status === 401) return token;
+  if (!response.ok) throw await httpError(response);
+  const minted = await response.json().catch(() => null);
+  if (!minted || typeof minted.ticket !== 'string') {
+    throw new GatewayError('bad_event', 'POST /v1/tickets answered without a ticket');
+  }
+  return minted.ticket;
+}
+
 function fetchInit(o) {
   return { credentials: o.withCredentials ? 'include' : 'same-origin', cache: 'no-store' };
 }
@@ -672,8 +697,8 @@ async function createGeneration(o, token, signal) {
 /**
  * SSE by the browser's EventSource: the generation is created with
  * `POST /v1/generations` (fetch, `Authorization` header), then its
- * `events_url` is followed with EventSource (a GET: the credential rides as
- * `?access_token=`, or as a cookie). The prompt never goes in a URL.
+ * `events_url` is followed with EventSource (a GET: a stream ticket rides as
+ * `?access_token=`, or a cookie does). The prompt never goes in a URL.
  * EventSource reconnects by itself with `Last-Event-ID`, which that route
  * resumes from, and it answers 204 once everything was delivered.
  */
@@ -784,14 +809,26 @@ async function runEventSource(run) {
         return;
       }
       run.status('reconnecting', { attempt: failures });
-      sleep(backoff(failures, o)).then(() => {
-        if (run.over) return;
-        open(urlFor(o, eventsPath, { after: run.lastSeq, access_token: token }));
-      });
+      sleep(backoff(failures, o))
+        .then(() => (run.over ? null : openWith({ after: run.lastSeq })))
+        .catch((err) =>
+          run.fail(
+            err instanceof GatewayError
+              ? err
+              : new GatewayError('connection_failed', `a stream ticket: ${err.message}`, {
+                  retryable: true,
+                }),
+          ),
+        );
     });
   };
+  // A fresh ticket for every open: the URL never carries a key or JWT.
+  const openWith = async (query) => {
+    const ticket = await urlCredential(o);
+    if (!run.over) open(urlFor(o, eventsPath, { ...query, access_token: ticket }));
+  };
 
-  open(urlFor(o, eventsPath, { access_token: token }));
+  await openWith({});
 }
 
 // ------------------------------------------------- WebSocket, multiplexed --
@@ -881,8 +918,8 @@ class SharedSocket {
   }
 
   async connect() {
-    const token = await resolveToken(this.o.token);
-    const url = new URL(urlFor(this.o, '/v1/stream/ws', { access_token: token }));
+    const ticket = await urlCredential(this.o);
+    const url = new URL(urlFor(this.o, '/v1/stream/ws', { access_token: ticket }));
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(url.href);
     await new Promise((resolve, reject) => {
@@ -1005,9 +1042,14 @@ function runWebSocket(run) {
  * @param {(ev: object) => void} [options.onEvent] every event, once (duplicates dropped)
  * @param {(state: string, info: object) => void} [options.onStatus]
  *        connecting | streaming | reconnecting | resuming | cancelling
- * @param {string|(() => string|Promise<string>)} [options.token] API key, JWT or stream
- *        ticket: `Authorization: Bearer` on fetch, `?access_token=` for EventSource and
- *        WebSocket (a function is called on every (re)connect, e.g. to mint a ticket)
+ * @param {string|(() => string|Promise<string>)} [options.token] API key or JWT, sent as
+ *        `Authorization: Bearer` on fetch; EventSource and WebSocket URLs get a stream
+ *        ticket minted with it (`POST /v1/tickets`) before each (re)connect. A page that
+ *        holds only a ticket passes it here too, and uses the WebSocket transport (a
+ *        ticket opens GET streams only). A function is called on every use.
+ * @param {string|(() => string|Promise<string>)} [options.ticket] a stream ticket for
+ *        the URLs of EventSource and WebSocket, e.g. minted by your backend; default:
+ *        minted with `token`
  * @param {boolean} [options.withCredentials] send cookies cross-origin (cookie auth)
  * @param {string} [options.baseUrl] gateway origin; default: this page's origin
  * @param {'auto'|'eventsource'|'fetch'} [options.sse='auto'] SSE by EventSource

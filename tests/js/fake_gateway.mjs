@@ -130,6 +130,7 @@ export function startFakeGateway(options = {}) {
     }
   }
 
+  let minted = 0;
   const server = createServer(async (req, res) => {
     const chunks = [];
     for await (const chunk of req) chunks.push(chunk);
@@ -154,6 +155,20 @@ export function startFakeGateway(options = {}) {
         return send(res, generations.get(id), Number(seq), 'sse');
       }
       return send(res, create(body), -1, 'sse');
+    }
+    // The gateway's rules for stream tickets: minted with a key or JWT, they open
+    // GET streams only (a bearer starting with `ticket-` plays a ticket here).
+    const bearer = (req.headers.authorization || '').replace(/^Bearer /, '');
+    if (req.method === 'POST' && url.pathname === '/v1/tickets') {
+      if (!bearer || bearer.startsWith('ticket-')) return res.writeHead(401).end();
+      minted += 1;
+      res.writeHead(201, { 'Content-Type': 'application/json' });
+      return res.end(JSON.stringify({ ticket: `ticket-minted-${minted}`, expires_at: 0 }));
+    }
+    if (req.method === 'POST' && bearer.startsWith('ticket-')) {
+      res.writeHead(401, { 'Content-Type': 'application/json' });
+      const error = { type: 'authentication_error', code: 'unauthorized', message: 'a stream ticket opens GET streams only' };
+      return res.end(JSON.stringify({ error }));
     }
     if (req.method === 'POST' && url.pathname === '/v1/generations') {
       if (body.model === 'nope') {

@@ -5,6 +5,7 @@ import { createServer } from 'node:http';
 import { test } from 'node:test';
 
 import {
+  GatewayError,
   createSSEParser,
   createToolCallAssembler,
   parseToolArguments,
@@ -173,24 +174,44 @@ test('stream() by EventSource: POST /v1/generations, then events_url; no prompt 
       transport: 'sse',
       baseUrl: fake.url,
       body: BODY,
-      token: 'ticket-123',
+      token: 'key-123',
     });
     assertCalculateCall(recorded);
-    const [post, first, resumed] = fake.requests;
+    const [post, mint, first, resumed] = fake.requests;
     assert.equal(post.method, 'POST');
     assert.equal(post.url, '/v1/generations');
-    assert.equal(post.authorization, 'Bearer ticket-123');
+    assert.equal(post.authorization, 'Bearer key-123');
     assert.deepEqual(post.body, BODY);
-    // EventSource: the credential as access_token, nothing else in the query
+    // The key mints a stream ticket; only the ticket goes in the URL.
+    assert.equal(mint.url, '/v1/tickets');
+    assert.equal(mint.authorization, 'Bearer key-123');
     assert.equal(first.method, 'GET');
-    assert.equal(first.url, '/v1/generations/gen_fake0001/events?access_token=ticket-123');
+    assert.equal(first.url, '/v1/generations/gen_fake0001/events?access_token=ticket-minted-1');
     // its own reconnect resumes by Last-Event-ID (the browser sends it)
     assert.equal(resumed.url, first.url);
     assert.equal(resumed.lastEventId, 'gen_fake0001:3');
     for (const url of opened) {
-      assert.doesNotMatch(decodeURIComponent(url), /Calculate|17 \* 23|messages|prompt/);
+      assert.doesNotMatch(decodeURIComponent(url), /Calculate|17 \* 23|messages|prompt|key-123/);
     }
     assert.ok(recorded.result.resumes >= 1);
+  } finally {
+    delete globalThis.EventSource;
+    fake.close();
+  }
+});
+
+test('a page holding only a ticket is told that EventSource mode needs a key or JWT', async () => {
+  const fake = await startFakeGateway({});
+  globalThis.EventSource = fakeEventSourceClass(createSSEParser, []);
+  try {
+    await assert.rejects(
+      stream({ transport: 'sse', baseUrl: fake.url, body: BODY, token: 'ticket-abc' }),
+      (err) => err instanceof GatewayError && err.code === 'unauthorized',
+    );
+    assert.deepEqual(
+      fake.requests.map((r) => `${r.method} ${r.url}`),
+      ['POST /v1/generations'],
+    );
   } finally {
     delete globalThis.EventSource;
     fake.close();
