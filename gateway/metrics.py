@@ -64,6 +64,10 @@ AUTH_REASONS: Final = (
     "query_disabled",
     "query_not_allowed",
     "forbidden_origin",
+    "forbidden_host",
+    "query_not_ticket",
+    "ticket_not_allowed",
+    "ticket_used",
 )
 #: How a generation ended: its finish reason, or `error`.
 FINISHES: Final = ("stop", "length", "tool_calls", "content_filter", "cancelled", "error")

@@ -375,7 +375,9 @@ async def test_unsafe_request_ids_are_replaced(gateway: GatewayProcess, request_
 
 async def test_a_bare_cr_in_a_header_is_refused(gateway: GatewayProcess) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: a\rSet-Cookie: x=1\r\n\r\n")
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: a\rSet-Cookie: x=1\r\n\r\n"
+    )
     await writer.drain()
     async with asyncio.timeout(5):
         response = await reader.read(65536)

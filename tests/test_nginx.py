@@ -1,8 +1,9 @@
 """deploy/nginx/gateway.conf in a real nginx, in front of a real `gateway serve` process.
 
-Only three things in the shipped file are rewritten for the test (each must
+Only four things in the shipped file are rewritten for the test (each must
 match exactly once, so the test breaks if the file changes shape): the listen
-address, the upstream's address and, for the heartbeat tests, a
+address (a free high port, as a deployment on :8443 would use), the upstream's
+address, the access log's path and, for the heartbeat tests, a
 `proxy_read_timeout` of one second.
 """
 
@@ -78,6 +79,9 @@ def start_nginx(tmp_path: Path) -> Iterator[Callable[..., str]]:
         conf = SHIPPED_CONF.read_text()
         conf = rewrite(conf, r"^    listen 80;$", f"    listen 127.0.0.1:{port};")
         conf = rewrite(conf, r"server 127\.0\.0\.1:8080 ", f"server 127.0.0.1:{gateway.port} ")
+        conf = rewrite(
+            conf, r"access_log /var/log/nginx/access\.log ", f"access_log {prefix}/access.log "
+        )
         if read_timeout is not None:
             conf = rewrite(conf, r"proxy_read_timeout 75s;", f"proxy_read_timeout {read_timeout};")
         (prefix / "gateway.conf").write_text(conf)
@@ -92,7 +96,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
-    access_log {prefix}/access.log;
+    access_log {prefix}/http-access.log;
 {temp_paths}
     include {prefix}/gateway.conf;
 }}
@@ -278,3 +282,75 @@ async def test_metrics_are_not_served_through_nginx(
             assert response.status == 200
         async with session.get(f"{proxy}/readyz") as response:
             assert response.status == 200
+
+
+# -- browsers on a port other than 80/443 ---------------------------------------------
+
+
+async def test_a_page_served_on_a_high_port_may_open_a_websocket_and_post(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+) -> None:
+    """A browser on nginx's port sends `Origin: http://127.0.0.1:<port>`; the gateway's
+    same-origin check needs that port in `Host` (`$host` dropped it: 403)."""
+    gateway = await start_gateway()
+    proxy = start_nginx(gateway)  # a free high port
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{proxy}/v1/stream/ws", origin=proxy) as ws:
+            await ws.send_json({"type": "generate", "request_id": "r", **BODY})
+            while (frame := await ws.receive_json(timeout=10))["type"] not in {"done", "error"}:
+                pass
+            assert frame["type"] == "done", frame
+        headers = {"Origin": proxy}
+        async with session.post(f"{proxy}/v1/stream/chunked", json=BODY, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["Access-Control-Allow-Origin"] == proxy
+            assert (await read_ndjson(r))[-1]["type"] == "done"
+        # Another port is another origin, through nginx as well.
+        other = f"http://127.0.0.1:{free_port()}"
+        async with session.post(
+            f"{proxy}/v1/stream/chunked", json=BODY, headers={"Origin": other}
+        ) as r:
+            assert r.status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            async with session.ws_connect(f"{proxy}/v1/stream/ws", origin=other):
+                pass
+        assert refused.value.status == 403
+
+
+# -- nginx's access log ------------------------------------------------------------------
+
+
+async def test_an_access_token_never_reaches_the_nginx_access_log(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    start_nginx: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    gateway = await start_gateway()
+    proxy = start_nginx(gateway)
+    prefix = tmp_path / f"nginx-{proxy.rsplit(':', 1)[1]}"
+    secret = "secret-ticket-7f3a9c"
+    async with aiohttp.ClientSession() as session:
+        sse = f"{proxy}/v1/stream/sse?prompt=hi&max_tokens=3&access_token={secret}"
+        async with session.get(sse, headers={"X-Request-ID": "nginx-log-sse"}) as r:
+            assert r.status == 200
+            await r.read()
+        ws_url = f"{proxy}/v1/stream/ws?access%5Ftoken={secret}&x=1"
+        async with session.ws_connect(ws_url, headers={"X-Request-ID": "nginx-log-ws"}) as ws:
+            await ws.send_json({"type": "generate", "request_id": "r", **BODY})
+            while (await ws.receive_json(timeout=10))["type"] not in {"done", "error"}:
+                pass
+    log = prefix / "access.log"
+    async with asyncio.timeout(5):  # a line is written when its request ends
+        while log.read_text().count("/v1/stream/") < 2:
+            await asyncio.sleep(0.05)
+    text = log.read_text()
+    assert secret not in text, text
+    assert "access_token" not in text and "access%5ftoken" not in text.lower(), text
+    assert '"GET /v1/stream/sse HTTP/1.1" 200' in text, text
+    assert '"GET /v1/stream/ws HTTP/1.1" 101' in text, text
+    # nginx's log and the gateway's share the request id; neither has the secret.
+    assert "id=nginx-log-sse" in text and "id=nginx-log-ws" in text, text
+    assert secret not in gateway.log_text()
+    http_level = prefix / "http-access.log"
+    assert not http_level.exists() or secret not in http_level.read_text()
