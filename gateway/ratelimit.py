@@ -1,16 +1,37 @@
-"""Per-principal limits: requests/min, tokens/min (reserved, then reconciled), streams.
+"""Per-principal limits: requests/min, tokens/min (reserved, then settled), streams.
 
 A generation is admitted once, atomically against all three limits, and
-holds a `Lease` until it ends however it ends. Tokens are reserved up front
-(the prompt estimate plus `max_tokens`, or `rate_limit.default_reserve_tokens`)
-so that many concurrent streams cannot overshoot the budget, and the lease's
-release refunds what was not used, so a cancelled stream pays only for what
-it streamed. A limit of 0 means no limit.
+holds a `Lease` until it ends however it ends.
+
+Tokens per minute, the accounting (the same in both backends):
+
+- A bucket of *settled* usage refills the whole budget over a minute. A
+  lease's real usage (prompt plus completion) is charged to it when the lease
+  ends, whatever it is; the bucket may go below zero (debt), so usage beyond
+  what was reserved is paid back before anything else is admitted.
+- While a lease runs it *holds* a reservation: the prompt estimate plus
+  `max_tokens` (or `rate_limit.default_reserve_tokens`), capped at the whole
+  budget. A generation is admitted only if the bucket, less what running
+  leases hold, covers its reservation; the hold is dropped when the lease ends.
+- A request whose prompt estimate alone exceeds the whole budget can never
+  fit and is refused (429, not retryable).
+
+Nothing is ever refunded into the bucket, so no mix of reservations, cancels
+and concurrency can serve more than the bucket allows: over any T seconds a
+principal is served at most `tokens_per_minute * (1 + T / 60)` tokens (a full
+bucket and its refill) plus what the requests admitted in those T seconds used
+beyond their reservations (`tests/test_token_budget.py` proves it as a
+property). The earlier design (charge the capped reservation, refund
+`reserved - used`) refilled the bucket from reservations it never charged.
+
+Levels are integers in 1/60,000ths of a token (or request), times integer
+milliseconds: a budget of L a minute refills L units a millisecond, exactly, in
+Python and in Lua alike. A limit of 0 means no limit.
 
 Two backends with one semantics: `memory` (one process) and `redis` (one Lua
-script per decision, so every replica shares one budget). Concurrency leases
-in Redis carry an expiry that the owning replica keeps refreshing, so slots
-held by a replica that crashed free themselves.
+script per decision, so every replica shares one budget). Leases in Redis
+carry an expiry that the owning replica keeps refreshing, so the stream slots
+and reservations of a replica that crashed free themselves.
 """
 
 from __future__ import annotations
@@ -32,12 +53,19 @@ from gateway.errors import GatewayError
 log = logging.getLogger(__name__)
 
 LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "concurrent_streams")
-#: A Redis concurrency lease lives this long unless its replica refreshes it.
+#: A Redis lease lives this long unless its replica refreshes it.
 LEASE_TTL_S = 30.0
 _REFRESH_EVERY_S = LEASE_TTL_S / 3
 #: After a Redis failure, skip it for this long (no per-request connect timeouts).
 _BACKOFF_S = 1.0
 _LOG_EVERY_S = 30.0
+#: Bucket levels are kept in units of 1/UNIT token (or request): a limit of L
+#: a minute refills exactly L units a millisecond.
+UNIT = 60_000
+#: What a backend answers when the prompt alone exceeds the whole token budget.
+_NEVER_FITS = "prompt_exceeds_tokens_per_minute"
+#: Retry-After (s) of a request that can never fit: a whole refill, not a promise.
+_NEVER_FITS_RETRY_S = 60.0
 
 
 class RateLimited(GatewayError):
@@ -54,6 +82,8 @@ class Refusal:
     limit_value: int
     remaining: int
     retry_after_s: float
+    #: Set when the prompt alone exceeds the whole budget: no wait will help.
+    prompt_tokens: int | None = None
 
     def error(self) -> RateLimited:
         wait = max(1, math.ceil(self.retry_after_s))
@@ -63,16 +93,43 @@ class Refusal:
             "RateLimit-Remaining": str(max(0, self.remaining)),
             "RateLimit-Reset": str(wait),
         }
+        if self.prompt_tokens is not None:
+            message = (
+                f"the prompt alone (about {self.prompt_tokens} tokens) exceeds the whole"
+                f" {self.limit} limit of {self.limit_value}: this request can never be"
+                " admitted; shorten it or ask for a larger limit"
+            )
+            return RateLimited(message, headers=headers, retryable=False)
         message = f"{self.limit} limit of {self.limit_value} reached; retry in {wait} s"
         return RateLimited(message, headers=headers)
 
 
+def _refusal(limits: Limits, limit: str, level: int, held: int, need: int) -> Refusal:
+    """Turn a backend's answer (levels in units) into a `Refusal`; one code for both."""
+    if limit == "concurrent_streams":
+        return Refusal(limit, limits.concurrent_streams, 0, 1.0)
+    remaining = max(0, (level - held) // UNIT)
+    if limit == _NEVER_FITS:
+        return Refusal(
+            "tokens_per_minute",
+            limits.tokens_per_minute,
+            remaining,
+            _NEVER_FITS_RETRY_S,
+            prompt_tokens=need // UNIT,
+        )
+    value = getattr(limits, limit)
+    # Until the bucket covers what is held plus this request (the holds may end sooner).
+    short = max(0, min(value * UNIT, need + held) - level)
+    wait_ms = -(-short // value)
+    return Refusal(limit, value, remaining, wait_ms / 1000)
+
+
 class Backend(Protocol):
     async def acquire(
-        self, key: str, limits: Limits, reserve: int, lease_id: str
+        self, key: str, limits: Limits, reserve: int, lease_id: str, prompt_tokens: int = 0
     ) -> Refusal | None: ...
 
-    async def release(self, key: str, limits: Limits, lease_id: str, refund: int) -> None: ...
+    async def release(self, key: str, limits: Limits, lease_id: str, used_tokens: int) -> None: ...
 
     async def refresh(self, leases: list[tuple[str, str]]) -> None: ...
 
@@ -95,7 +152,7 @@ class Lease:
     released: bool = False
 
     async def release(self, used_tokens: int) -> None:
-        """Free the stream slot and refund `reserved - used_tokens` (idempotent)."""
+        """Free the stream slot and the reservation; charge `used_tokens` (idempotent)."""
         if self.released:
             return
         self.released = True
@@ -103,97 +160,111 @@ class Lease:
             await self.limiter.release(self, used_tokens)
 
 
+def _charge(limits: Limits, reserve: int) -> int:
+    """Units a lease holds while it runs: its reservation, capped at the whole budget."""
+    return min(reserve, limits.tokens_per_minute) * UNIT
+
+
 # -- memory ------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class _Bucket:
-    """A token bucket that refills its whole capacity over a minute."""
+    """Units that refill `limit` a millisecond up to `limit * UNIT`; may be below zero."""
 
-    capacity: float
-    level: float
-    stamp: float
+    level: int
+    stamp: int
+    limit: int
 
-    def refill(self, now: float) -> float:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.capacity / 60)
+    def refill(self, limit: int, now: int) -> int:
+        self.level = min(limit * UNIT, self.level + max(0, now - self.stamp) * limit)
         self.stamp = now
+        self.limit = limit
         return self.level
-
-    def wait_for(self, amount: float) -> float:
-        return max(0.0, (amount - self.level) * 60 / self.capacity)
 
 
 @dataclass(slots=True)
 class _PrincipalState:
     buckets: dict[str, _Bucket] = field(default_factory=dict)
-    leases: set[str] = field(default_factory=set)
+    #: Live leases and the units each holds.
+    leases: dict[str, int] = field(default_factory=dict)
+    held: int = 0
 
-    def bucket(self, name: str, capacity: int, now: float) -> _Bucket:
+    def bucket(self, name: str, limit: int, now: int) -> _Bucket:
         bucket = self.buckets.get(name)
-        if bucket is None or bucket.capacity != capacity:
-            bucket = self.buckets[name] = _Bucket(capacity, capacity, now)
-        bucket.refill(now)
+        if bucket is None:
+            bucket = self.buckets[name] = _Bucket(limit * UNIT, now, limit)
+        bucket.refill(limit, now)
         return bucket
 
-    def idle(self, now: float) -> bool:
+    def idle(self, now: int) -> bool:
         """Nothing held and every bucket full again: forgetting it changes nothing."""
-        return not self.leases and all(b.refill(now) >= b.capacity for b in self.buckets.values())
+        return not self.leases and all(
+            b.refill(b.limit, now) >= b.limit * UNIT for b in self.buckets.values()
+        )
 
 
 class MemoryBackend:
-    """One process's limits; states of idle principals are swept once a minute."""
+    """One process's limits; states of idle principals are swept once a minute.
+
+    Decides exactly as `lua/acquire.lua` and `lua/release.lua` do.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._states: dict[str, _PrincipalState] = {}
-        self._swept = self._clock()
+        self._swept = self._now()
 
     def __len__(self) -> int:
         return len(self._states)
 
+    def _now(self) -> int:
+        return round(self._clock() * 1000)
+
     async def acquire(
-        self, key: str, limits: Limits, reserve: int, lease_id: str
+        self, key: str, limits: Limits, reserve: int, lease_id: str, prompt_tokens: int = 0
     ) -> Refusal | None:
-        now = self._clock()
+        now = self._now()
         self._sweep(now)
         state = self._states.setdefault(key, _PrincipalState())
-        if limits.concurrent_streams and len(state.leases) >= limits.concurrent_streams:
-            return Refusal("concurrent_streams", limits.concurrent_streams, 0, 1.0)
+        rpm, tpm, streams = (
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            limits.concurrent_streams,
+        )
+        if tpm and prompt_tokens > tpm:
+            tokens = state.bucket("tokens", tpm, now)
+            return _refusal(limits, _NEVER_FITS, tokens.level, state.held, prompt_tokens * UNIT)
+        if streams and len(state.leases) >= streams:
+            return _refusal(limits, "concurrent_streams", 0, 0, 0)
         requests = tokens = None
-        if limits.requests_per_minute:
-            requests = state.bucket("requests", limits.requests_per_minute, now)
-            if requests.level < 1:
-                return Refusal(
-                    "requests_per_minute",
-                    limits.requests_per_minute,
-                    0,
-                    requests.wait_for(1),
-                )
-        if limits.tokens_per_minute:
-            tokens = state.bucket("tokens", limits.tokens_per_minute, now)
-            need = min(reserve, limits.tokens_per_minute)
-            if tokens.level < need:
-                return Refusal(
-                    "tokens_per_minute",
-                    limits.tokens_per_minute,
-                    math.floor(tokens.level),
-                    tokens.wait_for(need),
-                )
-            tokens.level -= need
+        if rpm:
+            requests = state.bucket("requests", rpm, now)
+            if requests.level < UNIT:
+                return _refusal(limits, "requests_per_minute", requests.level, 0, UNIT)
+        need = 0
+        if tpm:
+            tokens = state.bucket("tokens", tpm, now)
+            need = _charge(limits, reserve)
+            if tokens.level - state.held < need:
+                return _refusal(limits, "tokens_per_minute", tokens.level, state.held, need)
         if requests is not None:
-            requests.level -= 1
-        if limits.concurrent_streams:
-            state.leases.add(lease_id)
+            requests.level -= UNIT
+        if tpm or streams:
+            state.leases[lease_id] = need
+            state.held += need
         return None
 
-    async def release(self, key: str, limits: Limits, lease_id: str, refund: int) -> None:
+    async def release(self, key: str, limits: Limits, lease_id: str, used_tokens: int) -> None:
         state = self._states.get(key)
         if state is None:
-            return
-        state.leases.discard(lease_id)
-        if limits.tokens_per_minute and refund:
-            bucket = state.bucket("tokens", limits.tokens_per_minute, self._clock())
-            bucket.level = min(bucket.capacity, bucket.level + refund)
+            if not limits.tokens_per_minute:
+                return
+            state = self._states[key] = _PrincipalState()
+        state.held -= state.leases.pop(lease_id, 0)
+        if limits.tokens_per_minute:
+            bucket = state.bucket("tokens", limits.tokens_per_minute, self._now())
+            bucket.level -= max(0, used_tokens) * UNIT
 
     async def refresh(self, leases: list[tuple[str, str]]) -> None:
         """Memory leases die with the process; nothing to refresh."""
@@ -201,8 +272,8 @@ class MemoryBackend:
     async def aclose(self) -> None:
         self._states.clear()
 
-    def _sweep(self, now: float) -> None:
-        if now - self._swept < 60:
+    def _sweep(self, now: int) -> None:
+        if now - self._swept < 60_000:
             return
         self._swept = now
         for key in [k for k, state in self._states.items() if state.idle(now)]:
@@ -215,12 +286,22 @@ _SCRIPTS = Path(__file__).with_name("lua")
 
 
 class RedisBackend:
-    """All replicas share one budget: every decision is one atomic Lua call."""
+    """All replicas share one budget: every decision is one atomic Lua call.
 
-    def __init__(self, url: str, lease_ttl_s: float = LEASE_TTL_S) -> None:
+    Time is the Redis server's (`TIME`), one clock for every replica; `clock`
+    (seconds) replaces it in tests that must step time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        lease_ttl_s: float = LEASE_TTL_S,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         import redis.asyncio as redis
 
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._clock = clock
         # Blocking pool: the default pool raises at 100 concurrent commands (NOTES §10).
         # Short timeouts: a dead Redis must cost a request milliseconds, not seconds.
         pool = redis.BlockingConnectionPool.from_url(
@@ -246,30 +327,38 @@ class RedisBackend:
         tag = "{rl:" + key + "}"
         return [tag + ":requests", tag + ":tokens", tag + ":streams"]
 
+    def _now(self) -> str:
+        """The scripts' clock argument: '' for the server's time."""
+        return "" if self._clock is None else str(round(self._clock() * 1000))
+
     async def acquire(
-        self, key: str, limits: Limits, reserve: int, lease_id: str
+        self, key: str, limits: Limits, reserve: int, lease_id: str, prompt_tokens: int = 0
     ) -> Refusal | None:
         args = [
             limits.requests_per_minute,
             limits.tokens_per_minute,
             limits.concurrent_streams,
             reserve,
+            prompt_tokens,
             lease_id,
             self._lease_ttl_ms,
+            self._now(),
         ]
         try:
-            allowed, limit, wait_ms, remaining = await self._acquire(self._keys(key), args)
+            answer = await self._acquire(self._keys(key), args)
         except self._errors as exc:
             raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        if int(allowed):
+        if int(answer[0]):
             return None
+        limit, level, held, need = answer[1:]
         name = limit.decode() if isinstance(limit, bytes) else str(limit)
-        return Refusal(name, getattr(limits, name), int(remaining), int(wait_ms) / 1000)
+        return _refusal(limits, name, int(level), int(held), int(need))
 
-    async def release(self, key: str, limits: Limits, lease_id: str, refund: int) -> None:
+    async def release(self, key: str, limits: Limits, lease_id: str, used_tokens: int) -> None:
         keys = self._keys(key)[1:]
+        args = [limits.tokens_per_minute, max(0, used_tokens), lease_id, self._now()]
         try:
-            await self._release(keys, [limits.tokens_per_minute, refund, lease_id])
+            await self._release(keys, args)
         except self._errors as exc:
             raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -281,7 +370,7 @@ class RedisBackend:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for key, ids in by_key.items():
                     await self._refresh(
-                        [self._keys(key)[2]], [self._lease_ttl_ms, *ids], client=pipe
+                        self._keys(key)[1:], [self._lease_ttl_ms, self._now(), *ids], client=pipe
                     )
                 await pipe.execute()
         except self._errors as exc:
@@ -330,9 +419,17 @@ class RateLimiter:
         if isinstance(self._backend, RedisBackend):
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
 
-    async def admit(self, key: str, limits: Limits, reserve: int) -> Lease:
-        """A lease on `key`'s budget, or `RateLimited` (HTTP 429 / `rate_limited`)."""
-        reserve = max(0, reserve)
+    async def admit(
+        self, key: str, limits: Limits, reserve: int, *, prompt_tokens: int = 0
+    ) -> Lease:
+        """A lease on `key`'s budget, or `RateLimited` (HTTP 429 / `rate_limited`).
+
+        `reserve` is the most the generation may use (prompt estimate plus
+        `max_tokens`); `prompt_tokens`, the prompt estimate, refuses for good a
+        request whose prompt alone exceeds the whole token budget.
+        """
+        prompt_tokens = max(0, prompt_tokens)
+        reserve = max(0, reserve, prompt_tokens)
         lease = Lease(self, key, limits, secrets.token_hex(8), reserve)
         if not (
             limits.requests_per_minute or limits.tokens_per_minute or limits.concurrent_streams
@@ -342,7 +439,9 @@ class RateLimiter:
         if time.monotonic() < self._down_until:
             return self._unavailable(lease, None)
         try:
-            refusal = await self._backend.acquire(key, limits, reserve, lease.lease_id)
+            refusal = await self._backend.acquire(
+                key, limits, reserve, lease.lease_id, prompt_tokens
+            )
         except BackendUnavailable as exc:
             return self._unavailable(lease, exc)
         if refusal is not None:
@@ -355,11 +454,10 @@ class RateLimiter:
     async def release(self, lease: Lease, used_tokens: int) -> None:
         if self._held.pop(lease.lease_id, None) is None:
             return  # admitted while the backend was down: nothing was recorded
-        refund = lease.reserved - used_tokens
         try:
-            await self._backend.release(lease.key, lease.limits, lease.lease_id, refund)
+            await self._backend.release(lease.key, lease.limits, lease.lease_id, used_tokens)
         except BackendUnavailable as exc:
-            # The lease expires on its own; the unused reservation is not refunded.
+            # The lease and its reservation expire on their own; the usage goes uncharged.
             self._note_failure(exc)
 
     def _unavailable(self, lease: Lease, exc: BackendUnavailable | None) -> Lease:

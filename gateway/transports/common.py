@@ -118,7 +118,9 @@ async def start_generation(
     caller = principal(request)
     default_reserve = request.app[settings_key].rate_limit.default_reserve_tokens
     reserve = body.prompt_tokens_estimate + (body.max_tokens or default_reserve)
-    lease = await request.app[limiter_key].admit(caller.rate_key, caller.limits, reserve)
+    lease = await request.app[limiter_key].admit(
+        caller.rate_key, caller.limits, reserve, prompt_tokens=body.prompt_tokens_estimate
+    )
     body.for_upstream(request_id=request.get(request_id_key))
     return request.app[registry_key].start(
         body,
