@@ -62,6 +62,7 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[metrics_key]
     limiter.on_refused.append(metrics.refused)
     limiter.on_backend_error.append(metrics.rate_limit_backend_errors.inc)
+    limiter.on_degraded.append(metrics.rate_limit_degraded.set)
     limiter.start()
     yield
     await limiter.aclose()

@@ -233,6 +233,12 @@ class GatewayMetrics:
             "Rate-limit backend (Redis) calls that failed; fail_open decides what followed.",
             **kw,
         )
+        self.rate_limit_degraded = Gauge(
+            "gateway_rate_limit_degraded",
+            "1 while the rate-limit backend (Redis) is unreachable and this replica enforces "
+            "the limits from its own memory (fail_open).",
+            **kw,
+        )
         self.streams_limit = Gauge(
             "gateway_streams_limit",
             "The cap on concurrent streams per replica: server.max_streams, or what the "

@@ -150,6 +150,8 @@ class Lease:
     lease_id: str
     reserved: int
     released: bool = False
+    #: Admitted by the replica's own memory while the shared backend was down.
+    local: bool = False
 
     async def release(self, used_tokens: int) -> None:
         """Free the stream slot and the reservation; charge `used_tokens` (idempotent)."""
@@ -392,11 +394,21 @@ class RedisBackend:
 
 
 class RateLimiter:
-    """Admits generations against a backend; applies `fail_open` when it is down."""
+    """Admits generations against a backend; applies `fail_open` when it is down.
+
+    Down with `fail_open: true`, limits are never off: each replica enforces
+    them from its own memory (an approximation: N replicas then allow up to N
+    times a budget, and what they admitted is not carried back to Redis) until
+    the backend answers again. `degraded` says so, as a gauge and one log line.
+    """
 
     def __init__(self, settings: RateLimitSettings, backend: Backend) -> None:
         self._settings = settings
         self._backend = backend
+        self._local = MemoryBackend() if settings.fail_open else None
+        self.degraded = False
+        #: Called with True when limits fall back to memory, False when they are shared again.
+        self.on_degraded: list[Callable[[bool], None]] = []
         self._held: dict[str, Lease] = {}
         self._down_until = 0.0
         self._logged_at = -math.inf
@@ -437,34 +449,49 @@ class RateLimiter:
             lease.limiter = None
             return lease
         if time.monotonic() < self._down_until:
-            return self._unavailable(lease, None)
+            return await self._unavailable(lease, None, prompt_tokens)
         try:
             refusal = await self._backend.acquire(
                 key, limits, reserve, lease.lease_id, prompt_tokens
             )
         except BackendUnavailable as exc:
-            return self._unavailable(lease, exc)
+            return await self._unavailable(lease, exc, prompt_tokens)
+        self._set_degraded(False)
+        self._refuse_if(refusal)
+        self._held[lease.lease_id] = lease
+        return lease
+
+    def _refuse_if(self, refusal: Refusal | None) -> None:
         if refusal is not None:
             for hook in self.on_refused:
                 hook(refusal.limit)
             raise refusal.error()
-        self._held[lease.lease_id] = lease
-        return lease
 
     async def release(self, lease: Lease, used_tokens: int) -> None:
+        if lease.local:
+            assert self._local is not None
+            await self._local.release(lease.key, lease.limits, lease.lease_id, used_tokens)
+            return
         if self._held.pop(lease.lease_id, None) is None:
-            return  # admitted while the backend was down: nothing was recorded
+            return
         try:
             await self._backend.release(lease.key, lease.limits, lease.lease_id, used_tokens)
         except BackendUnavailable as exc:
             # The lease and its reservation expire on their own; the usage goes uncharged.
             self._note_failure(exc)
 
-    def _unavailable(self, lease: Lease, exc: BackendUnavailable | None) -> Lease:
+    async def _unavailable(
+        self, lease: Lease, exc: BackendUnavailable | None, prompt_tokens: int
+    ) -> Lease:
         if exc is not None:
             self._note_failure(exc)
-        if self._settings.fail_open:
-            lease.limiter = None
+        if self._local is not None:  # fail_open: this replica's memory enforces the limits
+            self._set_degraded(True)
+            refusal = await self._local.acquire(
+                lease.key, lease.limits, lease.reserved, lease.lease_id, prompt_tokens
+            )
+            self._refuse_if(refusal)
+            lease.local = True
             return lease
         for hook in self.on_refused:
             hook("backend_unavailable")
@@ -474,6 +501,19 @@ class RateLimiter:
             headers={"Retry-After": "1"},
         )
 
+    def _set_degraded(self, degraded: bool) -> None:
+        if degraded == self.degraded or self._local is None:
+            return
+        self.degraded = degraded
+        if degraded:
+            log.warning(
+                "rate limits are enforced from this replica's memory until the backend answers"
+            )
+        else:
+            log.info("rate limits are shared again")
+        for hook in self.on_degraded:
+            hook(degraded)
+
     def _note_failure(self, exc: BackendUnavailable) -> None:
         self.backend_errors += 1
         for hook in self.on_backend_error:
@@ -482,7 +522,7 @@ class RateLimiter:
         self._down_until = now + _BACKOFF_S
         if now - self._logged_at >= _LOG_EVERY_S:
             self._logged_at = now
-            policy = "allowing (fail_open)" if self._settings.fail_open else "refusing"
+            policy = "limiting from memory (fail_open)" if self._settings.fail_open else "refusing"
             log.warning(
                 "rate-limit backend unavailable; %s requests",
                 policy,

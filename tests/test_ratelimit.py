@@ -274,7 +274,15 @@ async def test_redis_outage_follows_fail_open_and_recovers(
         redis_server.kill()
         async with session.post(url(server), json=HOLD, headers=AUTH) as during:
             if fail_open:
-                assert during.status == 200  # allowed: the limiter cannot decide
+                # This replica's memory decides now: it knows nothing of the stream
+                # Redis held, so one is admitted, but never more than the limit.
+                assert during.status == 200
+                assert limiter.degraded
+                async with session.post(url(server), json=HOLD, headers=AUTH) as beyond:
+                    assert beyond.status == 429
+                    assert (await beyond.json())["error"]["code"] == "rate_limited"
+                scrape = await (await session.get(server.make_url("/metrics"))).text()
+                assert "gateway_rate_limit_degraded 1.0" in scrape
             else:
                 assert during.status == 503
                 assert (await during.json())["error"]["code"] == "rate_limited"
@@ -289,7 +297,7 @@ async def test_redis_outage_follows_fail_open_and_recovers(
             statuses = (first.status, second.status)
             first.close()
             second.close()
-            return statuses == (200, 429)
+            return statuses == (200, 429) and not limiter.degraded  # by Redis again
 
         await wait_until(enforced_again, timeout=6)
 
