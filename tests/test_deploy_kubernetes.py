@@ -6,7 +6,10 @@ kustomizations are rendered by `render` below, a small subset of kustomize
 (resources, configMapGenerator with kustomize's name hash, namespace, images and
 strategic-merge `patches`). It refuses a kustomization field it does not
 implement, so a new field cannot be silently ignored. The ServiceMonitor is a
-CRD without a bundled schema: it is checked structurally.
+CRD without a bundled schema: it is checked structurally. The NetworkPolicies are
+evaluated by `allowed` below (Kubernetes' additive semantics) against concrete peers.
+The image's dependencies come from deploy/requirements.lock, checked against
+pyproject.toml so that a new dependency fails here until it is re-locked.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import copy
 import fnmatch
 import functools
 import hashlib
+import ipaddress
+import itertools
 import json
 import re
 import shlex
@@ -28,6 +33,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from yarl import URL
 
 from gateway import cli
 from gateway.config import Settings, load_settings
@@ -38,6 +46,7 @@ from tests.conftest import StartGateway
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERIGNORE = ROOT / "deploy" / "Dockerfile.dockerignore"
+LOCK = ROOT / "deploy" / "requirements.lock"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
 PRODUCTION = KUBERNETES / "overlays" / "production"
@@ -246,6 +255,86 @@ def test_the_dockerignore_sends_what_the_build_copies_and_nothing_local() -> Non
             assert not dockerignored(path, patterns), path
     for path in [".venv/bin/python", ".git/HEAD", "tests/conftest.py", "gateway/__pycache__/a.pyc"]:
         assert dockerignored(path, patterns), path
+
+
+def parse_lock(text: str) -> dict[str, tuple[str, list[str]]]:
+    """A pip-compile / `uv pip compile` lock: name -> (pinned version, sha256 hashes)."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        line = re.sub(r"(^|\s)#.*", "", line).strip()
+        if not line:
+            continue
+        words = line.split()
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)(\[[^]]*\])?==([^;\s]+)", words[0])
+        assert match, f"not a `name==version` pin: {line}"
+        hashes = [w.removeprefix("--hash=sha256:") for w in words[1:] if w.startswith("--hash=")]
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), line
+        assert len(hashes) == len([w for w in words[1:] if w.startswith("--")]), line
+        name = canonicalize_name(match[1])
+        assert name not in entries, f"{name} pinned twice"
+        entries[name] = (match[3], hashes)
+    return entries
+
+
+def test_the_parser_reads_a_lock() -> None:
+    lock = parse_lock(
+        "# header\nRedis==5.0.1 \\\n    --hash=sha256:" + "a" * 64 + "\n    # via x\n"
+    )
+    assert lock == {"redis": ("5.0.1", ["a" * 64])}
+    with pytest.raises(AssertionError):
+        parse_lock("redis>=5\n")
+
+
+def test_the_builder_installs_dependencies_only_from_the_hash_lock() -> None:
+    builder = dockerfile()[0]
+    runs = builder.all("RUN")
+    copies = [rest.split() for rest in builder.all("COPY")]
+    (lock_copy,) = [c for c in copies if c[0] == LOCK.relative_to(ROOT).as_posix()]
+    lock_in_image = lock_copy[1]
+    installs = [
+        command.split()
+        for run in runs
+        for command in re.split(r"&&|;|\|\|", run)
+        if "pip" in command.split() and "install" in command.split()
+    ]
+    assert installs, "no pip install in the builder"
+    for words in installs:
+        # Either the locked dependencies with their hashes, or the project alone.
+        if "-r" in words:
+            assert words[words.index("-r") + 1] == lock_in_image, words
+            assert "--require-hashes" in words, words
+        else:
+            assert words[-1] == "." and "--no-deps" in words, f"unlocked install: {words}"
+            assert "--no-build-isolation" in words, "the build backend would come unpinned"
+    # The lock is installed before the project, and nothing else reaches pip.
+    assert any("-r" in w for w in installs[:1]), "the lock must be installed first"
+
+
+def test_every_dependency_is_pinned_with_hashes_in_the_lock() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    lock = parse_lock(LOCK.read_text())
+    # The image: CPython 3.11 on Linux (x86_64; the lock's hashes cover every wheel).
+    environment = {"python_version": "3.11", "sys_platform": "linux", "platform_system": "Linux"}
+    environment |= {"platform_machine": "x86_64", "os_name": "posix"}
+    wanted = project["project"]["dependencies"] + project["build-system"]["requires"]
+    for line in wanted:
+        requirement = Requirement(line)
+        if requirement.marker and not requirement.marker.evaluate(environment):
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in lock, f"{name} is not in {LOCK.name}: re-lock (see deploy/Dockerfile)"
+        version, hashes = lock[name]
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{name}=={version} in the lock does not satisfy {line}: re-lock"
+        )
+        assert hashes, f"{name} has no hash"
+    for version, hashes in lock.values():
+        assert hashes and re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", version)
+    # The lock's header says how to regenerate it, with the same inputs.
+    header = " ".join(
+        itertools.takewhile(lambda line: line.startswith("#"), LOCK.read_text().splitlines())
+    )
+    assert "--generate-hashes" in header and "pyproject.toml" in header
 
 
 # --- rendering the kustomizations -------------------------------------------------
@@ -476,8 +565,9 @@ def test_every_manifest_is_valid_for_kubernetes(overlay: str, version: str) -> N
     docs = render(KUSTOMIZATIONS[overlay])
     kinds = [doc["kind"] for doc in docs]
     expected = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceMonitor"}
-    assert expected | {"HorizontalPodAutoscaler"} <= set(kinds)
-    assert len(set(kinds)) == len(kinds)
+    assert expected | {"HorizontalPodAutoscaler", "NetworkPolicy"} <= set(kinds)
+    names = [(doc["kind"], doc["metadata"]["name"]) for doc in docs]
+    assert len(set(names)) == len(names)
     for doc in docs:
         if doc["apiVersion"] == "monitoring.coreos.com/v1":
             continue  # a CRD: test_the_servicemonitor_scrapes_the_metrics_port
@@ -703,3 +793,177 @@ def test_production_shares_logs_and_limits_through_redis(tmp_path: Path) -> None
     namespace = one(docs, "Namespace")
     assert namespace["metadata"]["name"] == one(docs, "Deployment")["metadata"]["namespace"]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# --- the NetworkPolicy ----------------------------------------------------------------
+
+INGRESS_NAMESPACE = "ingress-nginx"
+MONITORING_NAMESPACE = "monitoring"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A pod (namespace and labels) or, with namespace None, an address outside the cluster."""
+
+    ip: str
+    namespace: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def pod(namespace: str, ip: str, **labels: str) -> Peer:
+    return Peer(ip, namespace, tuple(labels.items()))
+
+
+def namespace_of(doc: dict) -> str:
+    return doc["metadata"].get("namespace", "default")
+
+
+def matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A LabelSelector; {} selects everything."""
+    assert set(selector) <= {"matchLabels"}, f"not implemented: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def peer_matches(rule_peer: dict, peer: Peer, policy_namespace: str) -> bool:
+    if "ipBlock" in rule_peer:
+        address = ipaddress.ip_address(peer.ip)
+        block = rule_peer["ipBlock"]
+        inside = [ipaddress.ip_network(c) for c in [block["cidr"], *block.get("except", [])]]
+        return (
+            address.version == inside[0].version
+            and address in inside[0]
+            and not any(address in net for net in inside[1:] if net.version == address.version)
+        )
+    if peer.namespace is None:
+        return False  # pod and namespace selectors never match outside the cluster
+    if "namespaceSelector" in rule_peer:
+        namespace_labels = {"kubernetes.io/metadata.name": peer.namespace}
+        if not matches(rule_peer["namespaceSelector"], namespace_labels):
+            return False
+    elif peer.namespace != policy_namespace:
+        return False
+    return matches(rule_peer.get("podSelector", {}), dict(peer.labels))
+
+
+def allowed(
+    docs: tuple[dict, ...], direction: str, peer: Peer, port: int, protocol: str = "TCP"
+) -> bool:
+    """Whether the policies selecting the gateway's pod let this connection through:
+    no policy of that type selecting the pod allows all; otherwise any rule must."""
+    gateway_pod = main_container(docs)
+    policies = [
+        doc
+        for doc in docs
+        if doc["kind"] == "NetworkPolicy" and matches(doc["spec"]["podSelector"], pod_labels(docs))
+    ]
+    policy_type = {"ingress": "Ingress", "egress": "Egress"}[direction]
+    relevant = [p for p in policies if policy_type in p["spec"]["policyTypes"]]
+    if not relevant:
+        return True
+    for policy in relevant:
+        for rule in policy["spec"].get(direction, []):
+            peers = rule.get("from" if direction == "ingress" else "to")
+            if peers is not None and not any(
+                peer_matches(p, peer, namespace_of(policy)) for p in peers
+            ):
+                continue
+            ports = rule.get("ports")
+            if ports is None:
+                return True
+            for entry in ports:
+                number = entry["port"]
+                if isinstance(number, str):  # a named port of the destination: the gateway's
+                    assert direction == "ingress", "egress to a named port of another pod"
+                    number = container_port(gateway_pod, number)
+                if number == port and entry.get("protocol", "TCP") == protocol:
+                    return True
+    return False
+
+
+def test_the_policy_evaluator_follows_kubernetes_semantics() -> None:
+    docs = render(BASE)
+    assert allowed(
+        tuple(d for d in docs if d["kind"] != "NetworkPolicy"), "ingress", Peer("1.2.3.4"), 1
+    )
+    block = {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}
+    assert peer_matches(block, Peer("8.8.8.8"), "default")
+    assert not peer_matches(block, Peer("10.1.2.3"), "default")
+    assert not peer_matches(block, Peer("2001:db8::1"), "default")
+    same_namespace = {"podSelector": {"matchLabels": {"app": "x"}}}
+    assert peer_matches(same_namespace, pod("a", "10.0.0.1", app="x"), "a")
+    assert not peer_matches(same_namespace, pod("b", "10.0.0.1", app="x"), "a")
+
+
+def test_the_network_policy_admits_only_the_ingress_controller_and_prometheus(
+    docs: tuple[dict, ...], tmp_path: Path
+) -> None:
+    settings = effective_settings(docs, tmp_path)
+    app, metrics = settings.server.port, settings.server.metrics_port
+    own = namespace_of(one(docs, "Deployment"))
+    controller = pod(INGRESS_NAMESPACE, "10.2.0.7", **{"app.kubernetes.io/name": "ingress-nginx"})
+    prometheus = pod(MONITORING_NAMESPACE, "10.2.0.8", **{"app.kubernetes.io/name": "prometheus"})
+    assert allowed(docs, "ingress", controller, app)
+    assert allowed(docs, "ingress", prometheus, metrics)
+    # Each only to its own port.
+    assert not allowed(docs, "ingress", controller, metrics)
+    assert not allowed(docs, "ingress", prometheus, app)
+    strangers = [
+        pod(own, "10.2.0.9", **{"app.kubernetes.io/name": "something-else"}),
+        pod(own, "10.2.0.10", **{"app.kubernetes.io/name": "gateway"}),  # another replica
+        pod(INGRESS_NAMESPACE, "10.2.0.11", app="not-the-controller"),
+        pod(MONITORING_NAMESPACE, "10.2.0.12", **{"app.kubernetes.io/name": "grafana"}),
+        pod("default", "10.2.0.13", **{"app.kubernetes.io/name": "ingress-nginx"}),
+        Peer("203.0.113.5"),  # the internet, straight to the pod
+    ]
+    for stranger in strangers:
+        for port in (app, metrics):
+            assert not allowed(docs, "ingress", stranger, port), (stranger, port)
+    # Every ingress rule names its ports and its sources: no "from anywhere" rule.
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("ports") and rule.get("from"), rule
+            assert not [p for p in rule["from"] if "ipBlock" in p], rule
+
+
+def test_the_network_policy_lets_out_only_dns_redis_and_https(
+    docs: tuple[dict, ...], tmp_path: Path
+) -> None:
+    settings = effective_settings(docs, tmp_path)
+    own = namespace_of(one(docs, "Deployment"))
+    redis_port = URL(settings.redis.url).port
+    upstream = URL(settings.models[0].base_url)
+    assert upstream.scheme == "https" and upstream.port == 443
+    dns = pod("kube-system", "10.96.0.10", **{"k8s-app": "kube-dns"})
+    redis = pod(own, "10.2.1.4", **{"app.kubernetes.io/name": "redis"})
+    api = Peer("162.159.140.245")  # a public address, as api.openai.com resolves to
+    assert allowed(docs, "egress", dns, 53, "UDP") and allowed(docs, "egress", dns, 53, "TCP")
+    assert allowed(docs, "egress", redis, redis_port)
+    assert allowed(docs, "egress", api, upstream.port)
+    assert allowed(docs, "egress", Peer("2606:4700::6810:1"), 443)
+    denied = [
+        (Peer("8.8.8.8"), 53, "UDP"),  # DNS only through the cluster's resolver
+        (pod(own, "10.2.1.5", **{"app.kubernetes.io/name": "postgres"}), redis_port, "TCP"),
+        (pod("other", "10.3.0.4", **{"app.kubernetes.io/name": "redis"}), redis_port, "TCP"),
+        (redis, 443, "TCP"),
+        (dns, 443, "TCP"),
+        (api, 80, "TCP"),  # plain HTTP, SSH, anything but 443
+        (api, 22, "TCP"),
+        (api, 443, "UDP"),
+        (Peer(str(ipaddress.ip_address("169.254.169.254"))), 443, "TCP"),  # cloud metadata
+        (Peer("169.254.169.254"), 80, "TCP"),
+        (Peer("fd00::1"), 443, "TCP"),
+    ]
+    # No in-cluster address is reachable on 443: pods, Services and nodes of any
+    # of the usual cluster CIDRs.
+    for address in ("10.0.0.1", "10.96.0.1", "172.20.0.1", "192.168.1.1", "100.64.0.1"):
+        denied.append((pod("kube-system", address, component="kube-apiserver"), 443, "TCP"))
+        denied.append((Peer(address), 443, "TCP"))
+    for peer, port, protocol in denied:
+        assert not allowed(docs, "egress", peer, port, protocol), (peer, port, protocol)
+    # The policies select the gateway and are in its namespace.
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert {namespace_of(p) for p in policies} == {own}
+    for policy in policies:
+        assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels(docs))
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("ports") and rule.get("to"), rule
