@@ -72,6 +72,10 @@ class StreamSettings(_Section):
     max_live_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
     write_timeout_s: float = Field(default=30, gt=0)
     max_per_socket: int = Field(default=4, ge=1)
+    #: Extension of the contract (`backend: redis`): how long a replica's claim on
+    #: a running generation lasts unrefreshed; a crashed owner's followers get an
+    #: error after it, and its keys expire three of these later.
+    shared_log_lease_s: float = Field(default=10, ge=0.5, le=300)
     #: Extension of the contract: a WebSocket's messages, sustained per second and
     #: in a burst; past them it is closed with 1008 (a flood, not a client).
     ws_messages_per_s: float = Field(default=50, gt=0)

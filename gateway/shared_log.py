@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 FLUSH_S = 0.02
 #: How long a lookup waits for a generation's meta to appear before answering 404.
 LOOKUP_PATIENCE_S = 0.25
-LEASE_MS = 10_000
 WATCH_MS = 6_000
 READ_BLOCK_MS = 2_000
 CANCEL_CHANNEL = "gw:cancel"
@@ -84,6 +83,12 @@ class SharedLog:
             url, socket_timeout=READ_BLOCK_MS / 1000 + 1, socket_connect_timeout=1
         )
         self.replica_id = secrets.token_hex(6)
+        self._lease_ms = int(settings.shared_log_lease_s * 1000)
+        #: Every key of a running generation lives this long unless its lease is
+        #: refreshed, so a crashed owner leaves nothing behind for good.
+        self._live_ttl_ms = 3 * self._lease_ms
+        #: Generations ended because their events could not be queued (Redis down too long).
+        self._overflowed: set[str] = set()
         self._owned: dict[str, Generation] = {}
         self._pending: dict[str, list[Event]] = {}
         self._pending_count = 0
@@ -146,12 +151,24 @@ class SharedLog:
         generation.remote_watchers = self.has_remote_watchers
 
     def _queue(self, generation: Generation, event: Event) -> None:
-        if self._pending_count >= _MAX_PENDING_EVENTS:
-            return  # Redis has been down long enough: keep memory bounded, lose the copy
+        """Queue an event for Redis. The terminal event always is, so the log ends;
+        a full queue ends the generation with an error rather than leave a gap."""
+        if self._pending_count >= _MAX_PENDING_EVENTS and not event.terminal:
+            if generation.id not in self._overflowed:
+                self._overflowed.add(generation.id)
+                generation.cancel(
+                    "cancelled",
+                    StoreUnavailable(
+                        "the shared log could not keep up (Redis unreachable); retry",
+                        retryable=True,
+                    ),
+                )
+            return
         self._pending.setdefault(generation.id, []).append(event)
         self._pending_count += 1
         if event.terminal:
             self._owned.pop(generation.id, None)
+            self._overflowed.discard(generation.id)
             self._urgent.set()
 
     async def _flush_forever(self) -> None:
@@ -188,7 +205,8 @@ class SharedLog:
                             "created": generation.created,
                         },
                     )
-                    pipe.set(f"{_stream(generation.id)}:owner", self.replica_id, px=LEASE_MS)
+                    pipe.pexpire(meta, self._live_ttl_ms)
+                    pipe.set(f"{_stream(generation.id)}:owner", self.replica_id, px=self._lease_ms)
                 # All events in one script call: a command per event cost ~15 µs
                 # of client CPU each, a third of a core at 25,000 tokens/s.
                 keys: list[str] = []
@@ -203,7 +221,7 @@ class SharedLog:
                     # EVALSHA in the pipeline, not the Script object: redis-py
                     # sends SCRIPT EXISTS before every pipeline that holds a
                     # Script (a fifth of the flush's CPU under py-spy).
-                    pipe.evalsha(self._append.sha, len(keys), *keys, *args)
+                    pipe.evalsha(self._append.sha, len(keys), *keys, *args, str(self._live_ttl_ms))
                 for generation_id, events in pending.items():
                     key = _stream(generation_id)
                     if events[-1].terminal:
@@ -229,14 +247,17 @@ class SharedLog:
 
     async def _refresh_leases_forever(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_MS / 3000)
+            await asyncio.sleep(self._lease_ms / 3000)
             owned = list(self._owned)
             if not owned:
                 continue
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for generation_id in owned:
-                        pipe.set(f"{_stream(generation_id)}:owner", self.replica_id, px=LEASE_MS)
+                        key = _stream(generation_id)
+                        pipe.set(f"{key}:owner", self.replica_id, px=self._lease_ms)
+                        for name in (key, f"{key}:meta", f"{key}:watch"):
+                            pipe.pexpire(name, self._live_ttl_ms)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 self._failed("lease refresh", exc)
@@ -337,17 +358,22 @@ class SharedLog:
                 return
             failure = UpstreamError("the replica running this generation stopped; retry")
             event = Event(generation_id, "error", next_seq, failure.event_fields())
+            retention_ms = int(self._settings.retention_s * 1000) or 1
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(key, {"e": event.json}, id=_entry_id(next_seq))
-                pipe.pexpire(key, int(self._settings.retention_s * 1000) or 1)
+                pipe.pexpire(key, retention_ms)
+                pipe.pexpire(f"{key}:meta", retention_ms)
+                pipe.delete(f"{key}:watch")
                 await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self._failed("orphan check", exc)
 
     async def watch(self, generation_id: str, member: str) -> None:
-        await self._redis.zadd(
-            f"{_stream(generation_id)}:watch", {member: int(time.time() * 1000) + WATCH_MS}
-        )
+        key = f"{_stream(generation_id)}:watch"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {member: int(time.time() * 1000) + WATCH_MS})
+            pipe.pexpire(key, self._live_ttl_ms)
+            await pipe.execute()
 
     async def unwatch(self, generation_id: str, member: str) -> None:
         await self._redis.zrem(f"{_stream(generation_id)}:watch", member)

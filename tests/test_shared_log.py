@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as redis
 from aiohttp.test_utils import TestServer
 
 from gateway import shared_log
@@ -199,9 +200,8 @@ async def test_redis_down_leaves_local_streams_alone_and_recovers(
 async def test_a_replica_that_dies_leaves_a_log_that_ends(
     start_gateway: StartGateway, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared_log, "LEASE_MS", 600)
     monkeypatch.setattr(shared_log, "READ_BLOCK_MS", 200)
-    a, b = await replicas(start_gateway, redis_server)
+    a, b = await replicas(start_gateway, redis_server, shared_log_lease_s=0.6, retention_s=1)
     app_a = a.app
     assert app_a is not None
     generation_id, seen = await start_and_drop(a, tokens=2)
@@ -219,6 +219,16 @@ async def test_a_replica_that_dies_leaves_a_log_that_ends(
             async with session.get(b.make_url("/v1/stream/sse"), headers=headers) as response:
                 rest, _ = await read_sse(response)
     assert rest[-1]["type"] == "error" and rest[-1]["retryable"] is True
+    # Every key of the dead owner's generation expires: the stream and its meta
+    # after the retention, the rest with the lease (three leases at most).
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        async with asyncio.timeout(5):
+            while keys := await client.keys(f"gw:gen:{generation_id}*"):
+                await asyncio.sleep(0.1)
+        assert keys == []
+    finally:
+        await client.aclose()
 
 
 async def test_a_generation_is_resumable_elsewhere_as_soon_as_its_start_arrives(
@@ -240,3 +250,23 @@ async def test_a_generation_is_resumable_elsewhere_as_soon_as_its_start_arrives(
                 assert events[-1]["type"] == "done"
         async with session.get(b.make_url("/v1/generations/gen_unknown/events")) as unknown:
             assert unknown.status == 404
+
+
+async def test_a_queue_that_cannot_drain_ends_the_answer_with_an_error_not_a_gap(
+    start_gateway: StartGateway, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis down long enough that the flush queue fills: the events the queue
+    cannot take would be missing from the resumable log, so the generation ends
+    with an explicit, retryable error instead; its terminal event is still queued."""
+    monkeypatch.setattr(shared_log, "_MAX_PENDING_EVENTS", 20)
+    (a,) = await replicas(start_gateway, redis_server, count=1)
+    redis_server.kill()
+    async with aiohttp.ClientSession() as session:
+        body = {**BODY, "max_tokens": 200}
+        async with session.post(a.make_url("/v1/stream/chunked"), json=body) as response:
+            events = await read_ndjson(response)
+    assert events[-1]["type"] == "error", events[-1]
+    assert events[-1]["retryable"] is True and "shared log" in events[-1]["message"]
+    assert len(events) < 40
+    pending = a.app[shared_log_key]._pending
+    assert any(queued[-1].terminal for queued in pending.values()), "the end was dropped"
