@@ -49,6 +49,9 @@ websockets_key: web.AppKey[set[OpenSocket]] = web.AppKey("websockets")
 #: Open WebSockets per principal's rate key (`streams.max_sockets_per_principal`).
 socket_counts_key: web.AppKey[Counter[str]] = web.AppKey("socket_counts")
 
+#: The response whose headers went out (set just before they do): after it, a
+#: failure can no longer be an HTTP error.
+started_response_key = web.RequestKey("started_response", web.StreamResponse)
 #: Who is calling, set by the access middleware on every non-open route.
 principal_key = web.RequestKey("principal", Principal)
 request_id_key = web.RequestKey("request_id", str)

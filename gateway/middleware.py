@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import GatewayError, UrlTooLong, error_body
-from gateway.keys import request_id_key
+from gateway.keys import request_id_key, started_response_key
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare`: runs for streams too, just before their headers go out."""
+    request[started_response_key] = response
     request_id = request.get(request_id_key)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id
@@ -76,7 +77,26 @@ async def echo_request_id(request: web.Request, response: web.StreamResponse) ->
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn exceptions raised before streaming into OpenAI-shaped HTTP errors."""
+    """Turn exceptions raised before streaming into OpenAI-shaped HTTP errors.
+
+    After a response's headers went out, a second response would be written
+    inside the first one's body (aiohttp does not refuse it; clients report a
+    protocol error), so whatever raises then, the started response is ended
+    instead: transports send failures as `error` events, this is the backstop.
+    """
+    try:
+        return await _answer(request, handler)
+    except Exception:
+        started = request.get(started_response_key)
+        if started is None:
+            raise
+        log.exception(
+            "failure after the response started", extra={"request_id": request.get(request_id_key)}
+        )
+        return started
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if len(request.raw_path) > MAX_URL_BYTES:
             raise UrlTooLong(
@@ -85,9 +105,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         return await handler(request)
     except GatewayError as exc:
+        if request.get(started_response_key) is not None:
+            raise
         return error_response(exc.status, exc.code, exc.message, exc.headers)
     except web.HTTPException as exc:
-        if exc.status < 400:
+        if exc.status < 400 or request.get(started_response_key) is not None:
             raise
         code = _HTTP_CODES.get(
             exc.status, "internal_error" if exc.status >= 500 else "invalid_request"
@@ -95,5 +117,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
         return error_response(exc.status, code, exc.reason or "error", headers)
     except Exception:
+        if request.get(started_response_key) is not None:
+            raise
         log.exception("unhandled error", extra={"request_id": request.get(request_id_key)})
         return error_response(500, "internal_error", "internal error")

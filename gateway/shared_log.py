@@ -453,7 +453,12 @@ class RemoteSubscription:
         if self._done:
             return None
         while True:
-            batch = await self._log.read(self._generation.id, self._last)
+            try:
+                batch = await self._log.read(self._generation.id, self._last)
+            except StoreUnavailable as exc:
+                # The client's headers are out: the failure is the stream's last event.
+                self._done = True
+                return [Event(self._generation.id, "error", self._last + 1, exc.event_fields())]
             if batch:
                 self._last = batch[-1].seq
                 if batch[-1].terminal:

@@ -270,3 +270,27 @@ async def test_a_queue_that_cannot_drain_ends_the_answer_with_an_error_not_a_gap
     assert len(events) < 40
     pending = a.app[shared_log_key]._pending
     assert any(queued[-1].terminal for queued in pending.values()), "the end was dropped"
+
+
+async def test_a_follower_that_loses_redis_gets_an_error_event_not_a_second_response(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    """The headers of the follower's stream are out when Redis goes: its failure
+    must be the stream's last event (a second HTTP response inside the chunked
+    body is a protocol error for every client)."""
+    a, b = await replicas(start_gateway, redis_server)
+    async with aiohttp.ClientSession() as session:
+        body = {**BODY, "max_tokens": 400, "on_disconnect": "finish"}
+        async with session.post(a.make_url("/v1/generations"), json=body) as created:
+            generation_id = (await created.json())["id"]
+        url = b.make_url(f"/v1/generations/{generation_id}/events")
+        async with session.get(url, headers={"Accept": "application/x-ndjson"}) as response:
+            assert response.status == 200
+            first = await response.content.readline()
+            assert orjson.loads(first)["type"] == "start"
+            redis_server.kill()
+            rest = await response.read()
+    assert b"HTTP/1.1" not in rest
+    events = [orjson.loads(first)] + [orjson.loads(x) for x in rest.split(b"\n") if x.strip()]
+    assert events[-1]["type"] == "error" and events[-1]["retryable"] is True
+    assert [e["seq"] for e in events] == list(range(len(events)))
