@@ -46,6 +46,10 @@ LOOKUP_PATIENCE_S = 0.25
 WATCH_MS = 6_000
 READ_BLOCK_MS = 2_000
 CANCEL_CHANNEL = "gw:cancel"
+#: Connections for flushes, leases, lookups and watchers (the pubsub listener has its own).
+CONTROL_CONNECTIONS = 32
+#: Connections for followers' blocking reads; more followers wait their turn.
+READ_CONNECTIONS = 128
 _MAX_PENDING_EVENTS = 100_000
 _LOG_EVERY_S = 30.0
 
@@ -79,8 +83,26 @@ class SharedLog:
 
     def __init__(self, url: str, settings: StreamSettings) -> None:
         self._settings = settings
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=READ_BLOCK_MS / 1000 + 1, socket_connect_timeout=1
+        # Two bounded pools, so that followers can never starve the owner side.
+        # Every follower holds a connection in `XREAD BLOCK` for up to
+        # READ_BLOCK_MS; on redis-py's default pool ~100 of them made flushes and
+        # lease refreshes fail (it raises when exhausted), the leases expired and
+        # followers ended generations that were still running. Flushes, leases,
+        # lookups and cancels get a small pool of their own; reads wait for a
+        # free connection of theirs instead of failing (a streaming generation's
+        # reads return at once, so they turn over fast).
+        # A refused connect fails at once; the connect timeout only bounds a
+        # blackholed host, and must not trip while a busy loop opens connections.
+        timeouts = {"socket_timeout": READ_BLOCK_MS / 1000 + 1, "socket_connect_timeout": 5}
+        self._redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=CONTROL_CONNECTIONS, timeout=5, **timeouts
+            )
+        )
+        self._readers = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=READ_CONNECTIONS, timeout=None, **timeouts
+            )
         )
         self.replica_id = secrets.token_hex(6)
         self._lease_ms = int(settings.shared_log_lease_s * 1000)
@@ -124,6 +146,7 @@ class SharedLog:
             self._failed("final flush", exc)
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._redis.aclose()
+        await self._readers.aclose()
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -298,6 +321,7 @@ class SharedLog:
         # FLUSH_S later, more under load): a client that resumes here at once
         # must not get a 404 for a generation that exists. Unknown ids wait too.
         deadline = time.monotonic() + LOOKUP_PATIENCE_S
+        retried = False
         while True:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -306,6 +330,9 @@ class SharedLog:
                     meta, last = await pipe.execute()
             except (RedisError, OSError) as exc:
                 self._failed("lookup", exc)
+                if not retried:  # a connection dropped under load: one more try
+                    retried = True
+                    continue
                 raise StoreUnavailable(
                     "cannot reach the shared log to resume this generation; retry shortly"
                 ) from None
@@ -340,7 +367,7 @@ class SharedLog:
         """Events after `after_seq`, waiting up to `READ_BLOCK_MS`; [] on a quiet spell."""
         key = _stream(generation_id)
         try:
-            reply = await self._redis.xread(
+            reply = await self._readers.xread(
                 {key: _entry_id(after_seq)}, count=512, block=READ_BLOCK_MS
             )
         except (RedisError, OSError) as exc:

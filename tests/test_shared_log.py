@@ -294,3 +294,34 @@ async def test_a_follower_that_loses_redis_gets_an_error_event_not_a_second_resp
     events = [orjson.loads(first)] + [orjson.loads(x) for x in rest.split(b"\n") if x.strip()]
     assert events[-1]["type"] == "error" and events[-1]["retryable"] is True
     assert [e["seq"] for e in events] == list(range(len(events)))
+
+
+async def test_a_thousand_followers_on_one_replica_starve_nothing(
+    start_gateway: StartGateway, redis_server: RedisProcess
+) -> None:
+    """1,000 followers on replica B of 20 generations that A is streaming: on
+    redis-py's default pool (100 connections) about half failed and leases
+    expired into false errors; each follower must get its generation's whole
+    log, exactly, ending as the owner's does."""
+    a, b = await replicas(start_gateway, redis_server)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        ids = []
+        for seed in range(20):
+            body = {**BODY, "seed": seed, "max_tokens": 60, "on_disconnect": "finish"}
+            async with session.post(a.make_url("/v1/generations"), json=body) as created:
+                ids.append((await created.json())["id"])
+
+        async def follow(generation_id: str) -> list[dict[str, Any]]:
+            url = b.make_url(f"/v1/generations/{generation_id}/events")
+            async with session.get(url, headers={"Accept": "application/x-ndjson"}) as r:
+                assert r.status == 200, await r.text()
+                return await read_ndjson(r)
+
+        async with asyncio.timeout(60):
+            followed = await asyncio.gather(*(follow(ids[i % 20]) for i in range(1000)))
+    owners = {g: a.app[registry_key].get(g, "anonymous").events for g in ids}
+    for index, events in enumerate(followed):
+        expected = [orjson.loads(e.json) for e in owners[ids[index % 20]]]
+        assert events == expected, f"follower {index}: {events[-1]}"
+        assert events[-1]["type"] == "done"
