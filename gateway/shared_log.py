@@ -120,6 +120,8 @@ class SharedLog:
         self._background: set[asyncio.Task[Any]] = set()
         self._logged_at = -_LOG_EVERY_S
         self.errors = 0
+        #: Open follows of generations other replicas run (streams of this replica too).
+        self.following = 0
         self._append = self._redis.register_script(
             (Path(__file__).with_name("lua") / "append_events.lua").read_text()
         )
@@ -447,6 +449,7 @@ class RemoteSubscription:
 
     def __enter__(self) -> RemoteSubscription:
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        self._log.following += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -456,6 +459,7 @@ class RemoteSubscription:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+            self._log.following -= 1
             self._log.spawn(self._leave())
 
     async def _beat(self) -> None:

@@ -325,3 +325,42 @@ async def test_a_thousand_followers_on_one_replica_starve_nothing(
         expected = [orjson.loads(e.json) for e in owners[ids[index % 20]]]
         assert events == expected, f"follower {index}: {events[-1]}"
         assert events[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("limit", ["concurrent_streams", "max_streams"])
+async def test_followers_count_as_streams_of_their_replica(
+    start_gateway: StartGateway, redis_server: RedisProcess, limit: str
+) -> None:
+    """A follower holds a socket and a Redis read here: it counts toward the
+    principal's concurrent_streams and server.max_streams like a stream it started."""
+    (a,) = await replicas(start_gateway, redis_server, count=1)
+    two = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 2}
+    sections: dict[str, Any] = {
+        "models": [PACED],
+        "streams": {"backend": "redis", "resume_grace_s": 10},
+        "redis": {"url": redis_server.url},
+    }
+    if limit == "concurrent_streams":
+        sections["rate_limit"] = {"default": two}
+    else:
+        sections["server"] = {"max_streams": 2}
+    b = await start_gateway(**sections)
+    async with aiohttp.ClientSession() as session:
+        body = {**BODY, "max_tokens": 200, "on_disconnect": "finish"}
+        async with session.post(a.make_url("/v1/generations"), json=body) as created:
+            url = b.make_url(f"/v1/generations/{(await created.json())['id']}/events")
+        followers = [await session.get(url) for _ in range(2)]
+        assert [f.status for f in followers] == [200, 200]
+        async with session.get(url) as third:
+            assert third.status == (429 if limit == "concurrent_streams" else 503)
+            error = (await third.json())["error"]
+            assert error["code"] == "rate_limited" and third.headers["Retry-After"]
+        for follower in followers:
+            follower.close()
+        # Their places free up as they leave.
+        async with asyncio.timeout(5):
+            while True:
+                async with session.get(url) as again:
+                    if again.status == 200:
+                        break
+                await asyncio.sleep(0.05)

@@ -14,6 +14,7 @@ from gateway.observe import end_stream, track_stream
 from gateway.transports.common import (
     STREAM_HEADERS,
     finish_response,
+    follow_admitted,
     read_generation_body,
     start_from_dict,
 )
@@ -34,6 +35,23 @@ def _encoded(event: Event) -> bytes:
 
 
 async def serve_ndjson(
+    request: web.Request,
+    generation: Generation,
+    after_seq: int,
+    *,
+    new: bool = False,
+    resumed: bool = False,
+) -> web.StreamResponse:
+    """Stream the log after `after_seq` until its terminal event or the client leaves.
+
+    A follower of another replica's generation is admitted as a stream first
+    (`follow_admitted`): a refusal is an HTTP error, not a stream.
+    """
+    async with follow_admitted(request, generation):
+        return await _stream_ndjson(request, generation, after_seq, new=new, resumed=resumed)
+
+
+async def _stream_ndjson(
     request: web.Request,
     generation: Generation,
     after_seq: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -93,7 +94,9 @@ def ensure_capacity(request: web.Request) -> None:
     cap = request.app[stream_cap_key]
     if not cap:
         return
-    if request.app[registry_key].running < cap:
+    shared_log = request.app.get(shared_log_key)
+    following = shared_log.following if shared_log is not None else 0
+    if request.app[registry_key].running + following < cap:
         request.app[retry_after_key].admitted()
         return
     request.app[metrics_key].refused("max_streams")
@@ -148,6 +151,27 @@ async def find_generation(
         if shared_log is None:
             raise
         return await shared_log.lookup(generation_id, owner)
+
+
+@contextlib.asynccontextmanager
+async def follow_admitted(
+    request: web.Request, generation: Generation | RemoteGeneration
+) -> AsyncIterator[None]:
+    """A reader of a generation another replica runs is a stream of this one: it
+    holds a client socket and a Redis read. It counts toward `server.max_streams`
+    and the principal's limits (a request, a concurrent stream, no tokens) as if
+    it had started the generation here; a local reader is counted by its generation."""
+    if not isinstance(generation, RemoteGeneration):
+        yield
+        return
+    ensure_capacity(request)
+    caller = principal(request)
+    lease = await request.app[limiter_key].admit(caller.rate_key, caller.limits, 0)
+    try:
+        yield
+    finally:
+        # Shielded: the handler may be cancelled (its client left) while releasing.
+        await asyncio.shield(lease.release(0))
 
 
 async def cancel_generation(generation: Generation | RemoteGeneration) -> None:

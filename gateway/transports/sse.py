@@ -22,6 +22,7 @@ from gateway.transports.common import (
     already_delivered,
     find_generation,
     finish_response,
+    follow_admitted,
     parse_event_id,
     read_generation_body,
     start_from_dict,
@@ -77,6 +78,23 @@ def body_from_query(query: MultiMapping[str]) -> dict[str, object]:
 
 
 async def serve_sse(
+    request: web.Request,
+    generation: Generation,
+    after_seq: int,
+    *,
+    new: bool = False,
+    resumed: bool = False,
+) -> web.StreamResponse:
+    """Stream the log after `after_seq` until its terminal event or the client leaves.
+
+    A follower of another replica's generation is admitted as a stream first
+    (`follow_admitted`): a refusal is an HTTP error, not a stream.
+    """
+    async with follow_admitted(request, generation):
+        return await _stream_sse(request, generation, after_seq, new=new, resumed=resumed)
+
+
+async def _stream_sse(
     request: web.Request,
     generation: Generation,
     after_seq: int,
