@@ -2,7 +2,8 @@
 
 Order matters: the origin is judged before the credential, so a page on a
 foreign site cannot use a visitor's cookie to start generations (CSRF) or open
-a WebSocket (cross-site WebSocket hijacking, NOTES §9); aiohttp checks neither.
+a WebSocket (cross-site WebSocket hijacking: WebSockets are exempt from CORS and the
+browser attaches cookies); aiohttp checks neither.
 Non-browser clients send no `Origin` and are judged by their credential alone.
 
 Two more browser edges:

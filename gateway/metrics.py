@@ -4,7 +4,8 @@ A registry per app (not prometheus-client's global one) lets tests run
 several apps in one process. Every label value comes from a fixed set: the
 transports, outcomes and limits below, the configured model names, HTTP
 status codes, and route patterns. Children are created once and kept, so
-the per-token path does attribute lookups, never `.labels()` (NOTES §6).
+the per-token path does attribute lookups, never `.labels()` (a label lookup takes a
+lock and a dict walk per call).
 
 Buckets (seconds) are chosen for LLM streaming, not web requests:
 - time to first token, gateway and upstream: 10 ms to 2 min; queued or

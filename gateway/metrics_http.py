@@ -1,7 +1,8 @@
 """`GET /metrics`, on the main port or on `server.metrics_port` (then not public).
 
 The exposition is rendered in a worker thread: it is synchronous and takes
-milliseconds, which would otherwise stall every stream on the loop (NOTES §6).
+milliseconds, which would otherwise stall every stream on the loop
+(`generate_latest` costs about 6-9 µs a line).
 """
 
 from __future__ import annotations

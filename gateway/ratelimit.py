@@ -304,7 +304,7 @@ class RedisBackend:
 
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._clock = clock
-        # Blocking pool: the default pool raises at 100 concurrent commands (NOTES §10).
+        # Blocking pool: redis-py's default pool raises at 100 concurrent commands.
         # Short timeouts: a dead Redis must cost a request milliseconds, not seconds.
         pool = redis.BlockingConnectionPool.from_url(
             url,

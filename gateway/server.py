@@ -75,7 +75,8 @@ async def run(settings: Settings) -> None:
 
     `handler_cancellation=True`: a client that disconnects cancels its
     handler at once, even while it waits for the upstream's first token
-    (NOTES §1); the tests run with the same setting.
+    (aiohttp's default, False, would notice only at the next write); the tests
+    run with the same setting.
     """
     app = create_app(settings)
     wanted = settings.server.max_streams

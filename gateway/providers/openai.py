@@ -6,8 +6,9 @@ cost ~30% of the gateway's CPU per paced token (request building with its
 typed transforms, then five async-iterator layers of httpx2 per chunk,
 py-spy under bench/suite.py S3), for what is one POST and a line splitter:
 the chunks are parsed with orjson and only the delta text, the finish reason
-and the usage are kept (NOTES §5). The SDK stays the reference client in the
-tests. Retries happen one level up (`resilience.py`), before the first token
+and the usage are kept (the SDK's typed chunks cost ~155 µs each against ~3 µs
+for raw lines and orjson, measured here). The SDK stays the reference client
+in the tests. Retries happen one level up (`resilience.py`), before the first token
 only.
 
 Cancellation: the generation task is cancelled; leaving the `async with`

@@ -36,7 +36,8 @@ from gateway.registry import ID_PREFIX
 from gateway.schema import GenerationRequest, parse_generation_request, parse_json_object
 from gateway.shared_log import RemoteGeneration
 
-#: Response headers for streams: no caching, and no buffering in nginx (NOTES §7).
+#: Response headers for streams: no caching, and no buffering in nginx
+#: (`X-Accel-Buffering: no`: nginx buffers proxied responses by default).
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

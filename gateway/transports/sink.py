@@ -2,11 +2,12 @@
 
 A client that stops reading never makes `write()` fail: aiohttp only waits
 for the socket to drain once 64 KiB are queued, and then waits forever
-(../shared/NOTES.md §1). One watchdog task per connection therefore tracks
-the write in flight and aborts the transport when it has been pending for
-`write_timeout_s`; the same task sends a heartbeat after `heartbeat_s`
-without output, so proxies keep the stream open while the model thinks.
-One timer per connection, rather than one per token, keeps the hot path free.
+(checked with aiohttp 3.14: a stalled reader blocks the writer for good).
+One watchdog task per connection therefore tracks the write in flight and
+aborts the transport when it has been pending for `write_timeout_s`; the
+same task sends a heartbeat after `heartbeat_s` without output, so proxies
+keep the stream open while the model thinks. One timer per connection,
+rather than one per token, keeps the hot path free.
 """
 
 from __future__ import annotations

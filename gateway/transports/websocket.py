@@ -249,7 +249,7 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
         )
     ws = web.WebSocketResponse(
         heartbeat=streams.heartbeat_s,
-        compress=False,  # deflate would hold small token frames (NOTES §3)
+        compress=False,  # deflate would hold small token frames back
         max_msg_size=settings.server.max_body_bytes,
     )
     await ws.prepare(request)
