@@ -8,7 +8,7 @@ A caught-up reader of an HTTP stream instead lets the generation call
 chunk and queues them on the socket, all synchronously. Whenever that is not
 safe (a write in flight, 64 KiB queued, the connection closing) it refuses,
 and the handler is woken to write the usual way, with its drain and stall
-watchdog. Measured (README, Performance): with per-read batches, S2's
+watchdog. Measured (bench/RESULTS.md, Performance): with per-read batches, S2's
 throughput x1.13; alone, no change in CPU per paced token, where the time
 goes to the system calls and the upstream read, not to this hop.
 """
