@@ -136,7 +136,11 @@ class ChunkEncoder:
         return self._delta(b'{"role":"assistant","content":null}')
 
     def token(self, event: Event) -> bytes:
-        return self._delta(b'{"content":%s}' % event.text_json)
+        # One formatting, not two: this runs once per token of every generation.
+        return self._frame(
+            b',"system_fingerprint":null,"choices":[{"index":0,"delta":{"content":%s},'
+            b'"logprobs":null,"finish_reason":null}]}' % event.text_json
+        )
 
     def reasoning(self, event: Event) -> bytes:
         return self._delta(b'{"reasoning_content":%s}' % event.text_json)
