@@ -1,32 +1,34 @@
-"""Per-principal limits: requests/min, tokens/min (reserved, then settled), streams.
+"""Per-principal limits: requests/min, tokens/min (a sliding minute), streams.
 
 A generation is admitted once, atomically against all three limits, and
 holds a `Lease` until it ends however it ends.
 
-Tokens per minute, the accounting (the same in both backends):
+Tokens per minute, the accounting (the same in both backends), a sliding
+window of one minute rather than a refilling bucket, because a bucket that
+starts full and refills serves up to twice its budget in a minute:
 
-- A bucket of *settled* usage refills the whole budget over a minute. A
-  lease's real usage (prompt plus completion) is charged to it when the lease
-  ends, whatever it is; the bucket may go below zero (debt), so usage beyond
-  what was reserved is paid back before anything else is admitted.
+- A lease's real usage (prompt plus completion) is recorded when the lease
+  ends, whatever it is, stamped with that moment; it counts against the
+  budget for the next 60 seconds, then not at all.
 - While a lease runs it *holds* a reservation: the prompt estimate plus
   `max_tokens` (or `rate_limit.default_reserve_tokens`), capped at the whole
-  budget. A generation is admitted only if the bucket, less what running
-  leases hold, covers its reservation; the hold is dropped when the lease ends.
+  budget. A generation is admitted only if the usage recorded in the last
+  minute, plus what running leases hold, plus its own reservation, fits the
+  budget.
 - A request whose prompt estimate alone exceeds the whole budget can never
   fit and is refused (429, not retryable).
 
-Nothing is ever refunded into the bucket, so no mix of reservations, cancels
-and concurrency can serve more than the bucket allows: over any T seconds a
-principal is served at most `tokens_per_minute * (1 + T / 60)` tokens (a full
-bucket and its refill) plus what the requests admitted in those T seconds used
-beyond their reservations (`tests/test_token_budget.py` proves it as a
-property). The earlier design (charge the capped reservation, refund
-`reserved - used`) refilled the bucket from reservations it never charged.
+So in any minute a principal is served at most its budget, plus what the
+requests served in that minute used beyond what they held (an estimate that
+fell short, or a reservation capped at the budget): take the last request
+admitted in the minute; everything else served in that minute was then
+either running (held) or had ended less than a minute before (recorded).
+`tests/test_token_budget.py` proves it as a property on both backends.
 
-Levels are integers in 1/60,000ths of a token (or request), times integer
-milliseconds: a budget of L a minute refills L units a millisecond, exactly, in
-Python and in Lua alike. A limit of 0 means no limit.
+Requests per minute is a token bucket (a burst of the whole budget, refilled
+evenly). Its levels are integers in 1/60,000ths of a request, times integer
+milliseconds: a budget of L a minute refills L units a millisecond, exactly,
+in Python and in Lua alike. A limit of 0 means no limit.
 
 Two backends with one semantics: `memory` (one process) and `redis` (one Lua
 script per decision, so every replica shares one budget). Leases in Redis
@@ -42,6 +44,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,20 +55,21 @@ from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "concurrent_streams")
 #: A Redis lease lives this long unless its replica refreshes it.
 LEASE_TTL_S = 30.0
 _REFRESH_EVERY_S = LEASE_TTL_S / 3
 #: After a Redis failure, skip it for this long (no per-request connect timeouts).
 _BACKOFF_S = 1.0
 _LOG_EVERY_S = 30.0
-#: Bucket levels are kept in units of 1/UNIT token (or request): a limit of L
-#: a minute refills exactly L units a millisecond.
+#: The requests bucket is kept in units of 1/UNIT request: a limit of L a
+#: minute refills exactly L units a millisecond.
 UNIT = 60_000
+#: How long a lease's usage counts against its principal's token budget.
+WINDOW_MS = 60_000
 #: What a backend answers when the prompt alone exceeds the whole token budget.
 _NEVER_FITS = "prompt_exceeds_tokens_per_minute"
-#: Retry-After (s) of a request that can never fit: a whole refill, not a promise.
-_NEVER_FITS_RETRY_S = 60.0
+#: Retry-After (s) of a request that can never fit: a whole window, not a promise.
+_NEVER_FITS_RETRY_MS = WINDOW_MS
 
 
 class RateLimited(GatewayError):
@@ -104,24 +108,40 @@ class Refusal:
         return RateLimited(message, headers=headers)
 
 
-def _refusal(limits: Limits, limit: str, level: int, held: int, need: int) -> Refusal:
-    """Turn a backend's answer (levels in units) into a `Refusal`; one code for both."""
+def _refusal(limits: Limits, limit: str, remaining: int, wait_ms: int, prompt: int) -> Refusal:
+    """Turn a backend's answer into a `Refusal`; one code for both backends."""
     if limit == "concurrent_streams":
         return Refusal(limit, limits.concurrent_streams, 0, 1.0)
-    remaining = max(0, (level - held) // UNIT)
     if limit == _NEVER_FITS:
         return Refusal(
             "tokens_per_minute",
             limits.tokens_per_minute,
             remaining,
-            _NEVER_FITS_RETRY_S,
-            prompt_tokens=need // UNIT,
+            _NEVER_FITS_RETRY_MS / 1000,
+            prompt_tokens=prompt,
         )
-    value = getattr(limits, limit)
-    # Until the bucket covers what is held plus this request (the holds may end sooner).
-    short = max(0, min(value * UNIT, need + held) - level)
-    wait_ms = -(-short // value)
-    return Refusal(limit, value, remaining, wait_ms / 1000)
+    return Refusal(limit, getattr(limits, limit), remaining, wait_ms / 1000)
+
+
+def _requests_wait_ms(level: int, rpm: int) -> int:
+    """Until the requests bucket holds one whole request again."""
+    return -(-(UNIT - level) // rpm)
+
+
+def _tokens_wait_ms(short: int, recent: list[tuple[int, int]], now: int) -> int:
+    """Until enough recorded usage leaves the window to free `short` tokens.
+
+    `recent` is (ended at ms, tokens) oldest first. If what leaves is not
+    enough (running leases hold the rest), until all of it has left: the holds
+    may end sooner, and the client is told to try again then.
+    """
+    freed, wait = 0, 0
+    for stamp, used in recent:
+        freed += used
+        wait = stamp + WINDOW_MS - now
+        if freed >= short:
+            break
+    return max(0, wait)
 
 
 class Backend(Protocol):
@@ -154,7 +174,7 @@ class Lease:
     local: bool = False
 
     async def release(self, used_tokens: int) -> None:
-        """Free the stream slot and the reservation; charge `used_tokens` (idempotent)."""
+        """Free the stream slot and the reservation; record `used_tokens` (idempotent)."""
         if self.released:
             return
         self.released = True
@@ -162,9 +182,9 @@ class Lease:
             await self.limiter.release(self, used_tokens)
 
 
-def _charge(limits: Limits, reserve: int) -> int:
-    """Units a lease holds while it runs: its reservation, capped at the whole budget."""
-    return min(reserve, limits.tokens_per_minute) * UNIT
+def _hold(limits: Limits, reserve: int) -> int:
+    """Tokens a lease holds while it runs: its reservation, capped at the whole budget."""
+    return min(reserve, limits.tokens_per_minute)
 
 
 # -- memory ------------------------------------------------------------------
@@ -172,7 +192,7 @@ def _charge(limits: Limits, reserve: int) -> int:
 
 @dataclass(slots=True)
 class _Bucket:
-    """Units that refill `limit` a millisecond up to `limit * UNIT`; may be below zero."""
+    """Units that refill `limit` a millisecond up to `limit * UNIT`."""
 
     level: int
     stamp: int
@@ -187,22 +207,32 @@ class _Bucket:
 
 @dataclass(slots=True)
 class _PrincipalState:
-    buckets: dict[str, _Bucket] = field(default_factory=dict)
-    #: Live leases and the units each holds.
+    requests: _Bucket | None = None
+    #: Live leases and the tokens each holds.
     leases: dict[str, int] = field(default_factory=dict)
     held: int = 0
+    #: Usage of the leases that ended in the last minute: (ended at ms, tokens).
+    recent: deque[tuple[int, int]] = field(default_factory=deque)
+    recent_total: int = 0
 
-    def bucket(self, name: str, limit: int, now: int) -> _Bucket:
-        bucket = self.buckets.get(name)
-        if bucket is None:
-            bucket = self.buckets[name] = _Bucket(limit * UNIT, now, limit)
-        bucket.refill(limit, now)
-        return bucket
+    def requests_bucket(self, limit: int, now: int) -> _Bucket:
+        if self.requests is None:
+            self.requests = _Bucket(limit * UNIT, now, limit)
+        self.requests.refill(limit, now)
+        return self.requests
+
+    def used_in_window(self, now: int) -> int:
+        while self.recent and self.recent[0][0] <= now - WINDOW_MS:
+            self.recent_total -= self.recent.popleft()[1]
+        return self.recent_total
 
     def idle(self, now: int) -> bool:
-        """Nothing held and every bucket full again: forgetting it changes nothing."""
-        return not self.leases and all(
-            b.refill(b.limit, now) >= b.limit * UNIT for b in self.buckets.values()
+        """Nothing held or recorded and the bucket full: forgetting it changes nothing."""
+        bucket = self.requests
+        return (
+            not self.leases
+            and not self.used_in_window(now)
+            and (bucket is None or bucket.refill(bucket.limit, now) >= bucket.limit * UNIT)
         )
 
 
@@ -234,22 +264,26 @@ class MemoryBackend:
             limits.tokens_per_minute,
             limits.concurrent_streams,
         )
+        used = state.used_in_window(now)
         if tpm and prompt_tokens > tpm:
-            tokens = state.bucket("tokens", tpm, now)
-            return _refusal(limits, _NEVER_FITS, tokens.level, state.held, prompt_tokens * UNIT)
+            left = tpm - used - state.held
+            return _refusal(limits, _NEVER_FITS, max(0, left), 0, prompt_tokens)
         if streams and len(state.leases) >= streams:
             return _refusal(limits, "concurrent_streams", 0, 0, 0)
-        requests = tokens = None
+        requests = None
         if rpm:
-            requests = state.bucket("requests", rpm, now)
+            requests = state.requests_bucket(rpm, now)
             if requests.level < UNIT:
-                return _refusal(limits, "requests_per_minute", requests.level, 0, UNIT)
+                wait = _requests_wait_ms(requests.level, rpm)
+                return _refusal(limits, "requests_per_minute", requests.level // UNIT, wait, 0)
         need = 0
         if tpm:
-            tokens = state.bucket("tokens", tpm, now)
-            need = _charge(limits, reserve)
-            if tokens.level - state.held < need:
-                return _refusal(limits, "tokens_per_minute", tokens.level, state.held, need)
+            need = _hold(limits, reserve)
+            short = used + state.held + need - tpm
+            if short > 0:
+                wait = _tokens_wait_ms(short, list(state.recent), now)
+                left = max(0, tpm - used - state.held)
+                return _refusal(limits, "tokens_per_minute", left, wait, 0)
         if requests is not None:
             requests.level -= UNIT
         if tpm or streams:
@@ -264,9 +298,9 @@ class MemoryBackend:
                 return
             state = self._states[key] = _PrincipalState()
         state.held -= state.leases.pop(lease_id, 0)
-        if limits.tokens_per_minute:
-            bucket = state.bucket("tokens", limits.tokens_per_minute, self._now())
-            bucket.level -= max(0, used_tokens) * UNIT
+        if limits.tokens_per_minute and used_tokens > 0:
+            state.recent.append((self._now(), used_tokens))
+            state.recent_total += used_tokens
 
     async def refresh(self, leases: list[tuple[str, str]]) -> None:
         """Memory leases die with the process; nothing to refresh."""
@@ -327,7 +361,7 @@ class RedisBackend:
     def _keys(key: str) -> list[str]:
         # One hash tag: all of a principal's keys live in one Redis Cluster slot.
         tag = "{rl:" + key + "}"
-        return [tag + ":requests", tag + ":tokens", tag + ":streams"]
+        return [tag + ":requests", tag + ":tokens", tag + ":streams", tag + ":recent"]
 
     def _now(self) -> str:
         """The scripts' clock argument: '' for the server's time."""
@@ -336,7 +370,7 @@ class RedisBackend:
     async def acquire(
         self, key: str, limits: Limits, reserve: int, lease_id: str, prompt_tokens: int = 0
     ) -> Refusal | None:
-        args = [
+        args: list[str | int] = [
             limits.requests_per_minute,
             limits.tokens_per_minute,
             limits.concurrent_streams,
@@ -352,13 +386,18 @@ class RedisBackend:
             raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if int(answer[0]):
             return None
-        limit, level, held, need = answer[1:]
+        limit, remaining, wait_ms = answer[1:]
         name = limit.decode() if isinstance(limit, bytes) else str(limit)
-        return _refusal(limits, name, int(level), int(held), int(need))
+        return _refusal(limits, name, int(remaining), int(wait_ms), prompt_tokens)
 
     async def release(self, key: str, limits: Limits, lease_id: str, used_tokens: int) -> None:
         keys = self._keys(key)[1:]
-        args = [limits.tokens_per_minute, max(0, used_tokens), lease_id, self._now()]
+        args: list[str | int] = [
+            limits.tokens_per_minute,
+            max(0, used_tokens),
+            lease_id,
+            self._now(),
+        ]
         try:
             await self._release(keys, args)
         except self._errors as exc:
@@ -377,12 +416,6 @@ class RedisBackend:
                 await pipe.execute()
         except self._errors as exc:
             raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except self._errors:
-            return False
 
     async def aclose(self) -> None:
         # A pool passed in is not closed by `Redis.aclose()`; close its sockets too.
@@ -418,10 +451,6 @@ class RateLimiter:
         self.on_refused: list[RefusalHook] = []
         #: Called on every failed backend call.
         self.on_backend_error: list[Callable[[], None]] = []
-
-    @property
-    def backend(self) -> Backend:
-        return self._backend
 
     @property
     def held(self) -> int:

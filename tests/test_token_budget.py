@@ -3,20 +3,22 @@
 Issue 16 item 1: admission charged the reservation capped at the budget, but the
 release refunded `reserved - used` of the *uncapped* reservation, so a request
 with a huge `max_tokens` refilled the bucket it had barely drawn from (1,000
-tokens a minute served 1,620 tokens in 1.9 s, no refusal).
+tokens a minute served 1,620 tokens in 1.9 s, no refusal). A refilling bucket
+that starts full also serves twice its budget in a minute; the budget is now a
+sliding minute.
 
 The rule, for any mix of prompt sizes, `max_tokens`, cancels, client retries,
 upstream retries and fallbacks (one lease whatever happens inside it) and
-concurrency: over any T seconds a principal is served at most its budget plus
-the bucket's refill over T (`tpm * T / 60`), plus what the requests admitted in
-those T seconds used beyond their capped reservations. A request whose prompt
-alone exceeds the whole budget is refused (429, not retryable).
+concurrency: in any minute a principal is served at most its budget, plus what
+the requests served in that minute used beyond what they held (their
+reservation, capped at the budget). A request whose prompt alone exceeds the
+whole budget is refused (429, not retryable).
 
 1. A property (hypothesis): random programs of admissions, waits and lease
    ends, run on the real limiter with each backend (memory; redis on a real
    redis-server) under one stepped clock, must decide exactly as a small model
-   of the bucket written here in exact fractions (same admissions, same
-   `RateLimit-*` headers), and the tokens served must keep the rule.
+   of the window written here (same admissions, same `RateLimit-*` headers),
+   and the tokens served must keep the rule.
 2. Black box: `gateway serve` with a key of 1,000 tokens/minute and the
    simulated model replays the measured bypass.
 """
@@ -44,6 +46,8 @@ from tests.gateway_process import NO_LIMITS, start_gateway_process
 from tests.helpers import read_ndjson
 from tests.redis_server import RedisProcess, free_port
 
+MINUTE_MS = 60_000
+
 # -- the model -----------------------------------------------------------------
 
 
@@ -56,7 +60,7 @@ class Refused:
     never_fits: bool = False
 
 
-def _headers(limit_value: int, remaining: Fraction, wait_s: Fraction) -> dict[str, str]:
+def _headers(limit_value: int, remaining: Fraction | int, wait_s: Fraction) -> dict[str, str]:
     wait = max(1, math.ceil(wait_s))
     return {
         "Retry-After": str(wait),
@@ -67,66 +71,70 @@ def _headers(limit_value: int, remaining: Fraction, wait_s: Fraction) -> dict[st
 
 
 @dataclass
-class BucketModel:
-    """The limits as specified, in exact arithmetic (tokens and requests as fractions).
+class WindowModel:
+    """The limits as specified (requests in exact fractions).
 
-    Tokens: a bucket of settled usage refills `tpm` a minute up to `tpm`; a
-    lease's usage is charged to it when the lease ends (it may go below zero).
-    A running lease holds its reservation, capped at `tpm`; a request is admitted
-    if the bucket less the holds covers its capped reservation. A prompt
-    estimate above `tpm` never fits. Requests: a bucket of `rpm`. Streams: at
-    most `streams` leases at once. Checked in that order: never fits, streams,
-    requests, tokens.
+    Tokens: a lease's usage is recorded when it ends and counts for the next
+    minute; a running lease holds its reservation, capped at `tpm`; a request
+    is admitted if the usage of the last minute plus the holds plus its capped
+    reservation fit `tpm`, else it is told to wait until enough usage has left
+    the minute (or all of it). A prompt estimate above `tpm` never fits.
+    Requests: a bucket of `rpm` refilling evenly. Streams: at most `streams`
+    leases at once. Checked in that order: never fits, streams, requests, tokens.
     """
 
     tpm: int
     rpm: int
     streams: int
-    tokens: Fraction = Fraction(0)
     requests: Fraction = Fraction(0)
     stamp_ms: int = 0
-    holds: dict[int, Fraction] = field(default_factory=dict)
+    holds: dict[int, int] = field(default_factory=dict)
+    #: (ended at ms, tokens used), oldest first.
+    usage: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.tokens, self.requests = Fraction(self.tpm), Fraction(self.rpm)
+        self.requests = Fraction(self.rpm)
 
     def _refill(self, now_ms: int) -> None:
         elapsed = now_ms - self.stamp_ms
-        self.tokens = min(Fraction(self.tpm), self.tokens + Fraction(self.tpm * elapsed, 60_000))
         self.requests = min(
-            Fraction(self.rpm), self.requests + Fraction(self.rpm * elapsed, 60_000)
+            Fraction(self.rpm), self.requests + Fraction(self.rpm * elapsed, MINUTE_MS)
         )
         self.stamp_ms = now_ms
 
     def admit(self, now_ms: int, lease: int, prompt: int, reserve: int) -> Refused | None:
         self._refill(now_ms)
-        held = sum(self.holds.values(), Fraction(0))
+        self.usage = [(at, used) for at, used in self.usage if at > now_ms - MINUTE_MS]
+        recent, held = sum(used for _, used in self.usage), sum(self.holds.values())
         if self.tpm and prompt > self.tpm:
-            headers = _headers(self.tpm, self.tokens - held, Fraction(60))
+            headers = _headers(self.tpm, self.tpm - recent - held, Fraction(60))
             return Refused("tokens_per_minute", headers, never_fits=True)
         if self.streams and len(self.holds) >= self.streams:
-            return Refused("concurrent_streams", _headers(self.streams, Fraction(0), Fraction(1)))
+            return Refused("concurrent_streams", _headers(self.streams, 0, Fraction(1)))
         if self.rpm and self.requests < 1:
-            wait_ms = math.ceil((1 - self.requests) * 60_000 / self.rpm)
+            wait_ms = math.ceil((1 - self.requests) * MINUTE_MS / self.rpm)
             headers = _headers(self.rpm, self.requests, Fraction(wait_ms, 1000))
             return Refused("requests_per_minute", headers)
-        need = Fraction(min(reserve, self.tpm))
-        if self.tpm and self.tokens - held < need:
-            short = max(Fraction(0), min(Fraction(self.tpm), need + held) - self.tokens)
-            wait_ms = math.ceil(short * 60_000 / self.tpm)
-            headers = _headers(self.tpm, self.tokens - held, Fraction(wait_ms, 1000))
+        need = min(reserve, self.tpm)
+        short = recent + held + need - self.tpm
+        if self.tpm and short > 0:
+            wait_ms, freed = 0, 0
+            for at, used in self.usage:
+                freed, wait_ms = freed + used, at + MINUTE_MS - now_ms
+                if freed >= short:
+                    break
+            headers = _headers(self.tpm, self.tpm - recent - held, Fraction(wait_ms, 1000))
             return Refused("tokens_per_minute", headers)
         if self.rpm:
             self.requests -= 1
         if self.tpm or self.streams:
-            self.holds[lease] = need if self.tpm else Fraction(0)
+            self.holds[lease] = need if self.tpm else 0
         return None
 
     def end(self, now_ms: int, lease: int, used: int) -> None:
-        self._refill(now_ms)
         self.holds.pop(lease, None)
-        if self.tpm:
-            self.tokens -= used
+        if self.tpm and used > 0:
+            self.usage.append((now_ms, used))
 
 
 # -- programs ------------------------------------------------------------------
@@ -204,6 +212,7 @@ class Served:
     prompt: int
     reserved: int
     used: int = 0
+    ended_ms: int = 0
 
 
 async def run_program(program: Program, limiter: RateLimiter, clock: list[int]) -> None:
@@ -214,13 +223,13 @@ async def run_program(program: Program, limiter: RateLimiter, clock: list[int]) 
         concurrent_streams=program.streams,
     )
     key = f"budget-{uuid.uuid4().hex}"
-    model = BucketModel(program.tpm, program.rpm, program.streams)
+    model = WindowModel(program.tpm, program.rpm, program.streams)
     running: list[tuple[int, Lease, Served]] = []
     served: list[Served] = []
 
     async def end(index: int, used: int) -> None:
         number, lease, record = running.pop(index)
-        record.used = used
+        record.used, record.ended_ms = used, clock[0]
         await lease.release(used)
         model.end(clock[0], number, used)
 
@@ -259,23 +268,22 @@ async def run_program(program: Program, limiter: RateLimiter, clock: list[int]) 
 
 
 def assert_within_budget(tpm: int, served: list[Served]) -> None:
-    """Over every window of admissions: budget + refill + usage beyond capped reservations."""
+    """In every minute: the budget plus what its requests used beyond what they held.
+
+    A request is served in the open minute (a, a + 60 s) if it ended after `a`
+    and was admitted before `a + 60 s`. The largest such sets are those where
+    `a` is just before some request's end, so those minutes are the ones checked.
+    """
     if not tpm:
         return
-    starts = sorted({record.admitted_ms for record in served})
-    for first in starts:
-        window = [r for r in served if r.admitted_ms >= first]
-        for last in starts:
-            if last < first:
-                continue
-            inside = [r for r in window if r.admitted_ms <= last]
-            used = sum(r.used for r in inside)
-            beyond = sum(max(0, r.used - min(r.reserved, tpm)) for r in inside)
-            allowed = tpm + Fraction(tpm * (last - first), 60_000) + beyond
-            assert used <= allowed, (
-                f"{used} tokens served in {last - first} ms on a budget of {tpm}/min"
-                f" (allowed {float(allowed):.1f}): {inside}"
-            )
+    for start in sorted({record.ended_ms - 1 for record in served}):
+        inside = [r for r in served if r.ended_ms > start and r.admitted_ms < start + MINUTE_MS]
+        used = sum(r.used for r in inside)
+        beyond = sum(max(0, r.used - min(r.reserved, tpm)) for r in inside)
+        assert used <= tpm + beyond, (
+            f"{used} tokens served in the minute after {start} ms on a budget of {tpm}/min"
+            f" (allowed {tpm + beyond}): {inside}"
+        )
 
 
 PROPERTY = settings(
@@ -353,21 +361,30 @@ async def test_a_refreshed_lease_keeps_its_hold(redis_server: RedisProcess) -> N
         await other.aclose()
 
 
-async def test_a_debt_outlives_the_keys_default_expiry(redis_server: RedisProcess) -> None:
+async def test_an_overshoot_counts_for_one_minute_and_every_key_expires(
+    redis_server: RedisProcess,
+) -> None:
     import redis.asyncio as redis
 
     budget = Limits(requests_per_minute=0, tokens_per_minute=1000, concurrent_streams=0)
-    backend = RedisBackend(redis_server.url)
+    clock = [1_000_000.0]
+    backend = RedisBackend(redis_server.url, clock=lambda: clock[0])
     client = redis.Redis.from_url(redis_server.url)
     try:
         assert await backend.acquire("key:d", budget, 100_000, "big", 5) is None
         await backend.release("key:d", budget, "big", 100_000)  # 99,000 beyond the budget
-        # 100,000 tokens at 1,000 a minute: the bucket is full again in 100 minutes;
-        # its key must not expire (and forget the debt) before.
-        assert await client.pttl("{rl:key:d}:tokens") >= 100 * 60_000
+        clock[0] += 30
         refusal = await backend.acquire("key:d", budget, 1, "small", 1)
         assert refusal is not None and refusal.limit == "tokens_per_minute"
-        assert refusal.retry_after_s > 99 * 60
+        assert refusal.retry_after_s == 30 and refusal.remaining == 0
+        clock[0] += 30  # the overshoot leaves the window: a whole budget again
+        assert await backend.acquire("key:d", budget, 1000, "next", 1) is None
+        await backend.release("key:d", budget, "next", 10)
+        # Nothing a principal leaves behind is kept for ever.
+        keys = [key async for key in client.scan_iter("{rl:key:d}*")]
+        assert keys
+        for key in keys:
+            assert 0 < await client.pttl(key) <= 2 * 60_000 + 30_000, key
     finally:
         await backend.aclose()
         await client.aclose()
@@ -450,8 +467,9 @@ async def test_huge_max_tokens_no_longer_refill_the_budget(
     assert used, "not even the first request was served"
     assert max(used) < 100, used  # the bypass: far below what each one reserved
     # Each held the whole budget (its reservation, capped) while it ran, so none
-    # used more than it held: no overshoot, only the budget and its refill.
-    allowed = BUDGET + BUDGET * elapsed_ms / 60_000
+    # used more than it held: no overshoot, and the run is shorter than a minute.
+    assert elapsed_ms < MINUTE_MS
+    allowed = BUDGET
     assert sum(used) <= allowed, (
         f"{sum(used)} tokens in {elapsed_ms:.0f} ms ({len(used)} requests of {used[0]}),"
         f" allowed {allowed:.0f}"
