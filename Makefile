@@ -19,6 +19,7 @@ run: install  ## serve the built-in simulated model on 127.0.0.1:8080
 lint: install
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/mypy
 
 test: lint  ## lint, then the whole test suite
 	$(BIN)/pytest

@@ -9,6 +9,7 @@ from functools import partial
 from aiohttp import web
 
 from gateway.access import access_middleware, add_cors_headers
+from gateway.access_log import observe_middleware, record_status
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
 from gateway.config import Settings
@@ -32,12 +33,12 @@ from gateway.keys import (
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_http import add_metrics_route
 from gateway.middleware import echo_request_id, error_middleware, request_id_middleware
-from gateway.observe import observe_generation, observe_middleware, record_status
 from gateway.ratelimit import make_limiter
 from gateway.registry import GenerationRegistry
 from gateway.shared_log import SharedLog
 from gateway.shedding import RetryAfterEstimate, open_files_stream_cap, stream_cap
 from gateway.static_routes import add_static_routes
+from gateway.stream_tracker import observe_generation
 from gateway.tickets import create_ticket
 from gateway.transports.chunked import stream_chunked
 from gateway.transports.generations import (
@@ -66,6 +67,12 @@ async def limiter_ctx(app: web.Application) -> AsyncIterator[None]:
     limiter.start()
     yield
     await limiter.aclose()
+
+
+async def authenticator_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Closes what the authenticator holds open (the spent tickets' Redis pool)."""
+    yield
+    await app[authenticator_key].aclose()
 
 
 async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -139,6 +146,7 @@ def create_app(settings: Settings) -> web.Application:
     add_metrics_route(app)
     # Torn down in reverse: generations stop (releasing their leases) before
     # the limiter and the providers close.
+    app.cleanup_ctx.append(authenticator_ctx)
     app.cleanup_ctx.append(catalog_ctx)
     app.cleanup_ctx.append(limiter_ctx)
     app.cleanup_ctx.append(registry_ctx)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import heapq
 import hmac
 import ipaddress
 import logging
@@ -39,6 +38,11 @@ import jwt
 
 from gateway.config import ApiKey, AuthSettings, JwtSettings, Limits, Settings
 from gateway.errors import GatewayError
+from gateway.spent_tickets import (
+    RedisSpentTickets,
+    SpentTickets,
+    UsedTickets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,6 @@ ANONYMOUS_ID = "anonymous"
 STREAM_GET_ROUTE = re.compile(r"/v1/stream/sse|/v1/stream/ws|/v1/generations/[^/]+/events")
 #: A JWT `sub` longer than this is hashed into the principal id, never cut.
 MAX_SUBJECT_CHARS = 128
-#: Spent ticket ids are kept this long past their ticket's expiry (clock rounding).
-SPENT_MARGIN_S = 5.0
 TICKET_ROUTES_ONLY = (
     "a stream ticket opens GET streams only (/v1/stream/sse, /v1/stream/ws, "
     "/v1/generations/{id}/events); send your key or JWT as Authorization: Bearer"
@@ -137,34 +139,6 @@ def _log_refusal(what: str, exc: Exception, token: str) -> None:
     )
 
 
-class UsedTickets:
-    """Ids (`jti`) of spent single-use tickets, each kept until its ticket expires.
-
-    In memory, per process: with several replicas a ticket could open one stream
-    on each (sharing this through Redis is `SET used:<jti> 1 NX EXAT <exp>`).
-    """
-
-    def __init__(self) -> None:
-        self._until: dict[str, float] = {}
-        self._expiries: list[tuple[float, str]] = []
-
-    def __len__(self) -> int:
-        return len(self._until)
-
-    def spend(self, jti: str, expires_at: float, now: float | None = None) -> bool:
-        """True the first time `jti` is spent, False on every later try."""
-        now = time.time() if now is None else now
-        while self._expiries and self._expiries[0][0] <= now:
-            _, gone = heapq.heappop(self._expiries)
-            del self._until[gone]
-        if jti in self._until:
-            return False
-        until = expires_at + SPENT_MARGIN_S
-        self._until[jti] = until
-        heapq.heappush(self._expiries, (until, jti))
-        return True
-
-
 def redact_tokens(text: str) -> str:
     """`…?access_token=abc` → `…?access_token=***`: for anything that reaches a log.
 
@@ -214,7 +188,12 @@ class Authenticator:
         self._ticket_secret = (
             secret.get_secret_value().encode() if secret is not None else secrets.token_bytes(32)
         )
-        self._used_tickets = UsedTickets()
+        self._spent_tickets: SpentTickets = UsedTickets()
+        if self._auth.tickets_single_use and "redis" in (
+            settings.streams.backend,
+            settings.rate_limit.backend,
+        ):
+            self._spent_tickets = RedisSpentTickets(settings.redis.url)
         self._jwks: jwt.PyJWKClient | None = None
         if self._auth.jwt is not None and self._auth.jwt.jwks_url:
             self._jwks = jwt.PyJWKClient(self._auth.jwt.jwks_url, cache_keys=True, lifespan=300)
@@ -223,19 +202,14 @@ class Authenticator:
                 "auth.jwt.audience is null: JWTs are not bound to this gateway (any token "
                 "from the same issuer and key without an aud claim is accepted); set it"
             )
-        if self._auth.tickets_single_use and "redis" in (
-            settings.streams.backend,
-            settings.rate_limit.backend,
-        ):
-            log.warning(
-                "auth.tickets_single_use is enforced per replica (spent tickets are kept "
-                "in memory): with several replicas a ticket may open one stream on each"
-            )
         if self._auth.query_token == "any":
             log.warning(
                 "auth.query_token is any: API keys and JWTs are accepted in URLs, where "
                 "proxy access logs keep them; prefer stream tickets (query_token: true)"
             )
+
+    async def aclose(self) -> None:
+        await self._spent_tickets.aclose()
 
     # -- credentials -----------------------------------------------------------
 
@@ -289,7 +263,7 @@ class Authenticator:
             # Tickets only: no key or JWT is even looked at, valid or not.
             if not self._is_ticket_shaped(token):
                 raise Unauthorized(QUERY_TICKETS_ONLY, "query_not_ticket")
-            return self._verify_ticket(credential)
+            return await self._verify_ticket(credential)
         key = self._match_key(token)
         if key is not None:
             limits = key.limits or self._default_limits
@@ -328,7 +302,7 @@ class Authenticator:
         except jwt.PyJWTError:
             raise Unauthorized("malformed token", "malformed_token") from None
         if claims.get("aud") == TICKET_AUDIENCE:
-            return self._verify_ticket(credential)
+            return await self._verify_ticket(credential)
         settings = self._auth.jwt
         if settings is None:
             raise Unauthorized("invalid API key", "invalid_key")
@@ -403,7 +377,7 @@ class Authenticator:
         }
         return jwt.encode(claims, self._ticket_secret, algorithm="HS256"), expires_at
 
-    def _verify_ticket(self, credential: Credential) -> Principal:
+    async def _verify_ticket(self, credential: Credential) -> Principal:
         if not credential.stream_get:
             raise Unauthorized(TICKET_ROUTES_ONLY, "ticket_not_allowed")
         try:
@@ -431,7 +405,7 @@ class Authenticator:
             # A JWT subject's ticket dies with the JWT configuration.
             raise Unauthorized("invalid ticket: its credential no longer exists", "invalid_ticket")
         expires_at = float(claims["exp"])
-        if self._auth.tickets_single_use and not self._used_tickets.spend(
+        if self._auth.tickets_single_use and not await self._spent_tickets.use(
             str(claims["jti"]), expires_at
         ):
             raise Unauthorized(

@@ -49,7 +49,9 @@ def stop_streams(app: web.Application) -> None:
 async def close_websockets(app: web.Application, budget_s: float) -> None:
     """Let each socket's forwarders write their terminal frames, then close with 1012;
     whatever has not closed within `budget_s` is cut when the server stops."""
-    sockets = list(app[websockets_key])
+    # Two steps: inside list(), mypy would infer the key's type from list's Iterable argument.
+    open_sockets = app[websockets_key]
+    sockets = list(open_sockets)
     if not sockets:
         return
     closes = [asyncio.ensure_future(s.close_for_restart()) for s in sockets]

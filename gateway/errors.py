@@ -26,9 +26,10 @@ _OPENAI_TYPES: dict[str, str] = {
 class GatewayError(Exception):
     """An error with a contract code, an HTTP status and a retry hint."""
 
-    status: ClassVar[int] = 500
+    #: Class defaults; an instance may override them (`status=`, `retryable=`).
+    status: int = 500
     code: ClassVar[str] = "internal_error"
-    retryable: ClassVar[bool] = False
+    retryable: bool = False
 
     def __init__(
         self,

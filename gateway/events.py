@@ -132,16 +132,17 @@ class Event:
     def fields(self) -> dict[str, Any]:
         if self._fields is not None:
             return self._fields
-        data = orjson.loads(self.json)
+        data: dict[str, Any] = orjson.loads(self.json)  # an event's body is a JSON object
         del data["type"], data["seq"]
         return data
 
     @property
     def text(self) -> str:
         """A token's text, without building its fields dict."""
-        if self._fields is not None:
-            return self._fields["text"]
-        return orjson.loads(self.text_json)
+        text: str = (  # a token's `text` is a JSON string
+            self._fields["text"] if self._fields is not None else orjson.loads(self.text_json)
+        )
+        return text
 
     @property
     def text_json(self) -> bytes:

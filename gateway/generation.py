@@ -18,21 +18,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from typing import Any, Literal
+from typing import Any
 
 from gateway.errors import AnswerTooLarge, GatewayError, InternalError, LogsFull, UpstreamError
 from gateway.events import DELTA_TYPES, EVENT_OVERHEAD_BYTES, Event, EventType
+from gateway.generation_log import LogMirror, Push, StopCause
 from gateway.providers.base import Delta, Finish, Provider, ToolCallDelta, Usage
 from gateway.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
-
-#: Why a generation was stopped early; `None` while it runs on its own.
-StopCause = Literal["client_disconnected", "cancelled", "shutdown"]
-#: Delivers token events synchronously to a caught-up reader; False: not now.
-Push = Callable[[list[Event]], bool]
 
 
 class LogBudget:
@@ -65,6 +61,9 @@ class LogBudget:
 class Generation:
     """Owns one provider stream; appends `start`, `token`…, `done`|`error`."""
 
+    #: Runs here (see `GenerationLog`).
+    remote = False
+
     def __init__(
         self,
         *,
@@ -76,6 +75,7 @@ class Generation:
         resume_grace_s: float,
         on_finished: Callable[[Generation], None],
         budget: LogBudget | None = None,
+        mirror: LogMirror | None = None,
     ) -> None:
         self.id = generation_id
         self.principal = principal
@@ -98,10 +98,8 @@ class Generation:
         self._waiting: list[Subscription] = []
         self._task: asyncio.Task[None] | None = None
         self._shutdown_error: GatewayError | None = None
-        #: Set by a shared log (`streams.backend: redis`) to mirror each event.
-        self.on_append: Callable[[Generation, Event], None] | None = None
-        #: Set by a shared log: whether readers on other replicas are attached.
-        self.remote_watchers: Callable[[str], Awaitable[bool]] | None = None
+        #: The shared log (`streams.backend: redis`): copies each event, knows remote readers.
+        self._mirror = mirror
         self._grace_check: asyncio.Task[None] | None = None
         #: Names of the functions the model called, in order (for logs and metrics).
         self.tool_calls: list[str] = []
@@ -160,6 +158,9 @@ class Generation:
             self.stop_cause = cause
         self._shutdown_error = error
         self._task.cancel()
+
+    async def request_cancel(self) -> None:
+        self.cancel("cancelled")
 
     async def wait(self) -> None:
         """Wait until the provider task has ended (the log is terminal then)."""
@@ -236,8 +237,8 @@ class Generation:
         self.size_bytes += size
         if self._budget is not None:
             self._budget.used += size
-        if self.on_append is not None:
-            self.on_append(self, event)
+        if self._mirror is not None:
+            self._mirror.append(self.id, event)
         self._wake([event])
 
     def _append_tokens(self, texts: Sequence[str]) -> None:
@@ -270,9 +271,9 @@ class Generation:
         self.events.extend(added)
         grown = sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
         self.size_bytes += grown
-        if self.on_append is not None:
+        if self._mirror is not None:
             for event in added:
-                self.on_append(self, event)
+                self._mirror.append(self.id, event)
         self._wake(added)
         budget = self._budget
         if budget is not None:
@@ -338,15 +339,15 @@ class Generation:
     def _grace_over(self) -> None:
         """Nobody re-attached here; unless someone reads it on another replica, stop."""
         self._grace_timer = None
-        if self.remote_watchers is None:
+        if self._mirror is None:
             self.cancel("client_disconnected")
         elif self._grace_check is None:
             self._grace_check = asyncio.get_running_loop().create_task(self._check_remote())
 
     async def _check_remote(self) -> None:
-        assert self.remote_watchers is not None
+        assert self._mirror is not None
         try:
-            watched = await self.remote_watchers(self.id)
+            watched = await self._mirror.has_remote_watchers(self.id)
         finally:
             self._grace_check = None
         if self.subscribers or self.finished:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar, overload
 
 from aiohttp import web
 
@@ -62,8 +62,25 @@ cors_origin_key = web.RequestKey("cors_origin", str)
 _NOBODY = Principal(ANONYMOUS_ID, "anonymous", Limits(), ANONYMOUS_ID)
 
 
+_T = TypeVar("_T")
+_D = TypeVar("_D")
+
+
+@overload
+def request_get(request: web.Request, key: web.RequestKey[_T]) -> _T | None: ...
+@overload
+def request_get(request: web.Request, key: web.RequestKey[_T], default: _D) -> _T | _D: ...
+def request_get(request: web.Request, key: web.RequestKey[_T], default: object = None) -> object:
+    """`request.get(key, default)`, typed by the key: aiohttp types only
+    `Request.__getitem__` by `RequestKey`; its inherited `get` returns `Any`."""
+    try:
+        return request[key]
+    except KeyError:
+        return default
+
+
 def principal(request: web.Request) -> Principal:
-    return request.get(principal_key, _NOBODY)
+    return request_get(request, principal_key, _NOBODY)
 
 
 def principal_of(request: web.Request) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -147,122 +147,130 @@ class GatewayMetrics:
         PlatformCollector(registry=registry)
         if GC_COLLECTOR is not None:
             GCCollector(registry=registry)
-        kw = {"registry": registry}
         self.http_requests = Counter(
             "gateway_http_requests_total",
             "HTTP requests by route pattern, method and status (499: client left first).",
             ["route", "method", "status"],
-            **kw,
+            registry=registry,
         )
-        self._http_children: dict[tuple[str, str, int], Any] = {}
+        self._http_children: dict[tuple[str, str, int], Counter] = {}
         self.streams_active = Gauge(
-            "gateway_streams_active", "Streams being written to clients.", ["transport"], **kw
+            "gateway_streams_active",
+            "Streams being written to clients.",
+            ["transport"],
+            registry=registry,
         )
         self.streams = Counter(
             "gateway_streams_total",
             "Streams ended, each counted once, by how it ended.",
             ["transport", "outcome"],
-            **kw,
+            registry=registry,
         )
         self.stream_duration = Histogram(
             "gateway_stream_duration_seconds",
             "From the request's arrival to the stream's end.",
             ["transport"],
             buckets=DURATION_BUCKETS,
-            **kw,
+            registry=registry,
         )
         self.ttft = Histogram(
             "gateway_time_to_first_token_seconds",
             "From the request's arrival to its first token written to the client.",
             ["transport", "model"],
             buckets=TTFT_BUCKETS,
-            **kw,
+            registry=registry,
         )
         self.tokens = Counter(
             "gateway_tokens_streamed_total",
             "Answer events (token, reasoning, tool_call) written to clients.",
             ["transport", "model"],
-            **kw,
+            registry=registry,
         )
         self.client_disconnects = Counter(
             "gateway_client_disconnects_total",
             "Streams whose client left before the end.",
             ["transport"],
-            **kw,
+            registry=registry,
         )
         self.upstream_requests = Counter(
             "gateway_upstream_requests_total",
             "Upstream requests (each retry and fallback counts) by result: the upstream's "
             "HTTP status, or connect_error, timeout, stream_error (failed after 200), cancelled.",
             ["provider", "model", "status"],
-            **kw,
+            registry=registry,
         )
         self.upstream_ttft = Histogram(
             "gateway_upstream_time_to_first_token_seconds",
             "From sending the upstream request to its first text delta.",
             ["provider", "model"],
             buckets=TTFT_BUCKETS,
-            **kw,
+            registry=registry,
         )
         self.upstream_cancellations = Counter(
             "gateway_upstream_cancellations_total",
             "Upstream requests stopped before their end (client gone, cancel, shutdown).",
             ["provider"],
-            **kw,
+            registry=registry,
         )
         self.rate_limited = Counter(
-            "gateway_rate_limited_total", "Requests refused by a limit.", ["limit"], **kw
+            "gateway_rate_limited_total",
+            "Requests refused by a limit.",
+            ["limit"],
+            registry=registry,
         )
         self.auth_failures = Counter(
-            "gateway_auth_failures_total", "Requests refused by auth.", ["reason"], **kw
+            "gateway_auth_failures_total",
+            "Requests refused by auth.",
+            ["reason"],
+            registry=registry,
         )
         self.resumes = Counter(
             "gateway_resumes_total",
             "Streams that attached to an existing generation (resume or attach).",
             ["transport"],
-            **kw,
+            registry=registry,
         )
         self.inter_token = Histogram(
             "gateway_inter_token_latency_seconds",
             "Gaps between successive writes of tokens to one client.",
             ["transport"],
             buckets=INTER_TOKEN_BUCKETS,
-            **kw,
+            registry=registry,
         )
         self.rate_limit_backend_errors = Counter(
             "gateway_rate_limit_backend_errors_total",
             "Rate-limit backend (Redis) calls that failed; fail_open decides what followed.",
-            **kw,
+            registry=registry,
         )
         self.rate_limit_degraded = Gauge(
             "gateway_rate_limit_degraded",
             "1 while the rate-limit backend (Redis) is unreachable and this replica enforces "
             "the limits from its own memory (fail_open).",
-            **kw,
+            registry=registry,
         )
         self.streams_limit = Gauge(
             "gateway_streams_limit",
             "The cap on concurrent streams per replica: server.max_streams, or what the "
             "open-files limit allows if lower (0: none).",
-            **kw,
+            registry=registry,
         )
         self.generations = Counter(
             "gateway_generations_total",
             "Generations by model and how they ended: finish reason, or error.",
             ["model", "finish_reason"],
-            **kw,
+            registry=registry,
         )
         self.tool_calls = Counter(
             "gateway_tool_calls_total",
             "Function calls the models made; arguments: valid or invalid (not a JSON object).",
             ["model", "arguments"],
-            **kw,
+            registry=registry,
         )
         self.reasoning_tokens = Counter(
             "gateway_reasoning_tokens_total",
             "Reasoning events (the models' visible thinking) appended to generation logs.",
             ["model"],
-            **kw,
+            registry=registry,
         )
         self._transports = {t: self._transport_children(t) for t in TRANSPORTS}
         self._streams: dict[tuple[str, str], StreamChildren] = {}

@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway.errors import GatewayError, UrlTooLong, error_body
-from gateway.keys import request_id_key, started_response_key
+from gateway.keys import request_get, request_id_key, started_response_key
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await _answer(request, handler)
     except Exception:
-        started = request.get(started_response_key)
+        started = request_get(request, started_response_key)
         if started is None:
             raise
         log.exception(

@@ -61,10 +61,6 @@ class GenerationRegistry:
         """Bytes held by the logs of running generations (`streams.max_live_bytes`)."""
         return self._budget.used
 
-    @property
-    def finished_bytes(self) -> int:
-        return self._finished_bytes
-
     def start(
         self,
         request: GenerationRequest,
@@ -87,6 +83,7 @@ class GenerationRegistry:
             resume_grace_s=resume_grace_s,
             on_finished=self._retain,
             budget=self._budget,
+            mirror=self._shared_log,
         )
         self._running[generation.id] = generation
         if self._shared_log is not None:

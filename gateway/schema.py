@@ -65,11 +65,13 @@ class GenerationRequest(BaseModel):
     def for_upstream(
         self, *, request_id: str | None, passthrough: dict[str, Any] | None = None
     ) -> GenerationRequest:
-        """Attach the request id and the raw OpenAI fields an upstream should receive."""
-        self._request_id = request_id
+        """A copy carrying the request id and the raw OpenAI fields an upstream should
+        receive (the request itself stays as the client sent it)."""
+        copy = self.model_copy()
+        copy._request_id = request_id
         if passthrough is not None:
-            self._passthrough = passthrough
-        return self
+            copy._passthrough = passthrough
+        return copy
 
     @property
     def passthrough(self) -> dict[str, Any]:

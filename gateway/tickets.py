@@ -8,7 +8,7 @@ from gateway.errors import InvalidRequest
 from gateway.keys import authenticator_key, principal
 from gateway.middleware import json_response
 from gateway.schema import parse_json_object
-from gateway.transports.common import read_body
+from gateway.transports.body import read_body
 
 
 async def create_ticket(request: web.Request) -> web.Response:

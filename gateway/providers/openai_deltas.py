@@ -117,13 +117,13 @@ class DeltaReader:
             self._last_index = index
             return index
         if call_id is not None and call_id not in self._calls.values():
-            index = len(self._calls)
+            chosen = len(self._calls)
         elif self._last_index is not None:
-            index = self._last_index
+            chosen = self._last_index
         else:
-            index = position
-        self._last_index = index
-        return index
+            chosen = position
+        self._last_index = chosen
+        return chosen
 
     def _unsupported(self, what: str) -> UpstreamError:
         return UpstreamError(

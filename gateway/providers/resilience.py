@@ -27,7 +27,8 @@ def backoff_s(attempt: int, retry_after_s: float | None = None) -> float:
     """0.5·2ⁿ s capped at 8 s, minus up to 25% jitter; an upstream's Retry-After wins."""
     if retry_after_s is not None:
         return retry_after_s
-    delay = min(BACKOFF_BASE_S * 2**attempt, BACKOFF_CAP_S)
+    # 2.0, not 2: typeshed types `int ** int` as Any (a negative exponent gives a float).
+    delay = min(BACKOFF_BASE_S * 2.0**attempt, BACKOFF_CAP_S)
     return delay * (1 - 0.25 * random.random())
 
 

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.admission import admit_generation
 from gateway.errors import InvalidRequest
 from gateway.middleware import json_response
-from gateway.transports.chunked import CONTENT_TYPE as NDJSON
-from gateway.transports.chunked import serve_ndjson
-from gateway.transports.common import (
-    already_delivered,
-    cancel_generation,
-    find_generation,
-    parse_event_id,
-    parse_seq,
-    read_generation_body,
-    start_from_dict,
-)
-from gateway.transports.sse import serve_sse
+from gateway.schema import parse_generation_request
+from gateway.transports.body import read_generation_body
+from gateway.transports.chunked import CONTENT_TYPE as NDJSON_TYPE
+from gateway.transports.chunked import NDJSON
+from gateway.transports.pump import follow
+from gateway.transports.resume import find_generation, parse_event_id, parse_seq
+from gateway.transports.sse import sse_wire
 
 
 def events_url(generation_id: str) -> str:
@@ -26,7 +22,8 @@ def events_url(generation_id: str) -> str:
 
 async def create_generation(request: web.Request) -> web.Response:
     """POST /v1/generations: 201 with the id; nobody is attached yet, so the grace clock runs."""
-    generation = await start_from_dict(request, await read_generation_body(request))
+    body = parse_generation_request(await read_generation_body(request))
+    generation = await admit_generation(request, body)
     url = events_url(generation.id)
     return json_response(
         {"id": generation.id, "events_url": url}, status=201, headers={"Location": url}
@@ -50,18 +47,13 @@ def _after_seq(request: web.Request, generation_id: str) -> int:
 async def generation_events(request: web.Request) -> web.StreamResponse:
     """GET /v1/generations/{id}/events: SSE, or NDJSON when the client accepts it."""
     generation_id = request.match_info["generation_id"]
-    generation = await find_generation(request, generation_id)
     after = _after_seq(request, generation_id)
-    if already_delivered(generation, after):
-        return web.Response(status=204)
-    # Attaching from the start is not a resume; any `after` or Last-Event-ID is.
-    resumed = after >= 0
-    if NDJSON in request.headers.get("Accept", ""):
-        return await serve_ndjson(request, generation, after, resumed=resumed)
-    return await serve_sse(request, generation, after, resumed=resumed)
+    wire = NDJSON if NDJSON_TYPE in request.headers.get("Accept", "") else sse_wire(request)
+    return await follow(request, generation_id, after, wire)
 
 
 async def delete_generation(request: web.Request) -> web.Response:
     """DELETE /v1/generations/{id}: cancel it (idempotent once it has ended)."""
-    await cancel_generation(await find_generation(request, request.match_info["generation_id"]))
+    generation = await find_generation(request, request.match_info["generation_id"])
+    await generation.request_cancel()
     return web.Response(status=204)

@@ -17,21 +17,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.admission import admit_generation
 from gateway.errors import GatewayError, InternalError, InvalidRequest, UpstreamError
 from gateway.events import Event
-from gateway.generation import Generation, Subscription
-from gateway.keys import catalog_key, settings_key
+from gateway.generation import Generation
+from gateway.generation_log import LogSubscription
+from gateway.keys import catalog_key
+from gateway.metrics import Transport
 from gateway.middleware import json_response
-from gateway.observe import end_stream, track_stream
 from gateway.schema import FORWARDED_FIELDS, GenerationRequest, parse_generation_request
-from gateway.transports.common import (
-    STREAM_HEADERS,
-    finish_response,
-    read_generation_body,
-    start_generation,
-)
-from gateway.transports.push import http_pusher
-from gateway.transports.sink import ClientGone, ClientSink
+from gateway.stream_tracker import StreamTracker, end_stream, track_stream
+from gateway.transports.body import read_generation_body
+from gateway.transports.pump import HttpWire, serve_stream
 
 WIRE_FORMAT = "openai"
 HEARTBEAT = b": ping\n\n"
@@ -96,8 +93,8 @@ def parse_chat_request(
     if "max_completion_tokens" in data:
         # Reasoning models refuse `max_tokens`: send the name the client chose.
         extra["max_completion_tokens"] = request.max_tokens
-    request.for_upstream(request_id=None, passthrough=extra)
-    return request, stream, bool(options.get("include_usage"))
+    include_usage = bool(options.get("include_usage"))
+    return request.for_upstream(request_id=None, passthrough=extra), stream, include_usage
 
 
 def _finish_reason(event: Event) -> str:
@@ -192,17 +189,6 @@ def error_frame(event: Event) -> bytes:
     return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
-async def _first_batch(subscription: Subscription) -> list[Event]:
-    """Wait past `start` until a token or the terminal event."""
-    batch: list[Event] = []
-    while not any(e.type != "start" for e in batch):
-        more = await subscription.next_batch()
-        if more is None:
-            break
-        batch.extend(more)
-    return [e for e in batch if e.type != "start"]
-
-
 def _raise_failure(generation: Generation) -> None:
     """Re-raise the generation's failure as an HTTP error (headers not sent yet).
 
@@ -217,69 +203,59 @@ def _raise_failure(generation: Generation) -> None:
     raise failure
 
 
-async def _stream(
-    request: web.Request, generation: Generation, include_usage: bool
-) -> web.StreamResponse:
-    streams = request.app[settings_key].streams
-    encoder = ChunkEncoder(generation)
-    tracker = track_stream(request, WIRE_FORMAT, generation, new=True)
-    sink: ClientSink | None = None
-    try:
-        with generation.subscribe() as subscription:
-            batch = await _first_batch(subscription)
-            if batch and batch[0].type == "error":
-                tracker.saw(batch[0])
-                _raise_failure(generation)
-            response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", **STREAM_HEADERS}
-            )
-            await response.prepare(request)
-            sink = ClientSink(
-                request,
-                response.write,
-                write_timeout_s=streams.write_timeout_s,
-                heartbeat=HEARTBEAT,
-                heartbeat_s=streams.heartbeat_s,
-            )
-            push = http_pusher(response, sink, tracker, encoder.delta_frame)
-            try:
-                async with sink:
-                    out = [encoder.role(batch[0] if batch else None)]
-                    while True:
-                        for event in batch:
-                            out.append(_encode(encoder, event, include_usage))
-                        data = b"".join(out)
-                        await sink.write(data)
-                        if batch:
-                            tracker.wrote(batch, len(data))
-                        out = []
-                        subscription.push_tokens(push)  # the headers are out now
-                        next_batch = await subscription.next_batch()
-                        if next_batch is None:
-                            break
-                        batch = next_batch
-                await finish_response(response)
-            except ClientGone:
-                pass
-    finally:
-        end_stream(request, tracker, stalled=sink is not None and sink.stalled)
-    return response
+class OpenAIWire(HttpWire):
+    """OpenAI's chunks; the headers wait for the first token so that an early
+    failure is an HTTP status the SDK maps to its exception classes."""
 
+    transport: Transport = "openai"
+    content_type = "text/event-stream"
+    heartbeat = HEARTBEAT
 
-def _encode(encoder: ChunkEncoder, event: Event, include_usage: bool) -> bytes:
-    if not event.terminal:
-        return encoder.delta_frame(event)
-    if event.type == "error":
-        return error_frame(event)
-    frames = encoder.finish(event)
-    if include_usage:
-        frames += encoder.usage(event)
-    return frames + DONE_FRAME
+    def __init__(self, generation: Generation, include_usage: bool) -> None:
+        self._generation = generation
+        self._encoder = ChunkEncoder(generation)
+        self._include_usage = include_usage
+
+    def encode(self, event: Event) -> bytes:
+        return self._encoder.delta_frame(event)
+
+    async def before_headers(
+        self, subscription: LogSubscription, tracker: StreamTracker
+    ) -> list[Event] | None:
+        """Wait past `start` until a token or the terminal event."""
+        batch: list[Event] = []
+        while not any(e.type != "start" for e in batch):
+            more = await subscription.next_batch()
+            if more is None:
+                break
+            batch.extend(more)
+        batch = [e for e in batch if e.type != "start"]
+        if batch and batch[0].type == "error":
+            tracker.saw(batch[0])
+            _raise_failure(self._generation)
+        return batch
+
+    def preamble(self, first: list[Event] | None) -> bytes:
+        return self._encoder.role(first[0] if first else None)
+
+    def frames(self, batch: list[Event]) -> bytes:
+        return b"".join(map(self._frame, batch))
+
+    def _frame(self, event: Event) -> bytes:
+        encoder = self._encoder
+        if not event.terminal:
+            return encoder.delta_frame(event)
+        if event.type == "error":
+            return error_frame(event)
+        frames = encoder.finish(event)
+        if self._include_usage:
+            frames += encoder.usage(event)
+        return frames + DONE_FRAME
 
 
 async def _complete(request: web.Request, generation: Generation) -> web.Response:
     """Non-streaming: wait for the end (a client that leaves still cancels at once)."""
-    tracker = track_stream(request, WIRE_FORMAT, generation, new=True)
+    tracker = track_stream(request, OpenAIWire.transport, generation, new=True)
     try:
         with generation.subscribe() as subscription:
             while await subscription.next_batch() is not None:
@@ -307,7 +283,7 @@ async def _complete(request: web.Request, generation: Generation) -> web.Respons
             }
         )
         # The whole answer goes out at once: its first token is written now.
-        tracker.wrote(generation.events, len(response.body or b""))
+        tracker.wrote(generation.events, response.content_length or 0)
         return response
     finally:
         end_stream(request, tracker, stalled=False)
@@ -358,7 +334,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
     body = await read_generation_body(request)
     chat, stream, include_usage = parse_chat_request(body, _passthrough_of(request))
-    generation = await start_generation(request, chat, resume_grace_s=0)
+    generation = await admit_generation(request, chat, resume_grace_s=0)
     if stream:
-        return await _stream(request, generation, include_usage)
+        wire = OpenAIWire(generation, include_usage)
+        return await serve_stream(request, generation, -1, wire, new=True)
     return await _complete(request, generation)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from aiohttp import hdrs, web
 
 from gateway.events import Event
-from gateway.generation import Push
-from gateway.observe import StreamTracker
+from gateway.generation_log import Push
+from gateway.stream_tracker import StreamTracker
 from gateway.transports.sink import ClientSink
 
 

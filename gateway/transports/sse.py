@@ -9,26 +9,23 @@ a test checks that our bytes equal what `send()` writes.
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from multidict import MultiMapping
 
+from gateway.admission import admit_generation
+from gateway.config import StreamSettings
 from gateway.errors import InvalidRequest
 from gateway.events import Event
-from gateway.generation import Generation
 from gateway.keys import settings_key
-from gateway.observe import end_stream, track_stream
-from gateway.transports.common import (
-    already_delivered,
-    find_generation,
-    finish_response,
-    follow_admitted,
-    parse_event_id,
-    read_generation_body,
-    start_from_dict,
-)
-from gateway.transports.push import http_pusher
-from gateway.transports.sink import ClientGone, ClientSink
+from gateway.metrics import Transport
+from gateway.schema import parse_generation_request
+from gateway.transports.body import read_generation_body
+from gateway.transports.pump import HttpWire, follow, serve_stream
+from gateway.transports.resume import parse_event_id
 
 WIRE_FORMAT = "sse"
 SEPARATOR = "\n"
@@ -53,8 +50,35 @@ def encode_sse(event: Event) -> bytes:
     )
 
 
-def _encoded(event: Event) -> bytes:
-    return event.encoded(WIRE_FORMAT, encode_sse)
+class SseWire(HttpWire):
+    """The first frame also sets the client's reconnection delay (`retry:`)."""
+
+    transport: Transport = "sse"
+
+    def __init__(self, retry_ms: int) -> None:
+        self._retry = b"retry: %d\n" % retry_ms
+
+    def response(self, streams: StreamSettings) -> web.StreamResponse:
+        return EventSourceResponse(
+            sep=SEPARATOR,
+            allow_all_methods=True,
+            ping_interval=streams.heartbeat_s,
+            send_timeout=streams.write_timeout_s,
+        )
+
+    def scope(self, response: web.StreamResponse) -> AbstractAsyncContextManager[Any]:
+        assert isinstance(response, EventSourceResponse)
+        return response
+
+    def preamble(self, first: list[Event] | None) -> bytes:
+        return self._retry
+
+    def encode(self, event: Event) -> bytes:
+        return event.encoded(WIRE_FORMAT, encode_sse)
+
+
+def sse_wire(request: web.Request) -> SseWire:
+    return SseWire(request.app[settings_key].streams.sse_retry_ms)
 
 
 def body_from_query(query: MultiMapping[str]) -> dict[str, object]:
@@ -77,74 +101,15 @@ def body_from_query(query: MultiMapping[str]) -> dict[str, object]:
     return body
 
 
-async def serve_sse(
-    request: web.Request,
-    generation: Generation,
-    after_seq: int,
-    *,
-    new: bool = False,
-    resumed: bool = False,
-) -> web.StreamResponse:
-    """Stream the log after `after_seq` until its terminal event or the client leaves.
-
-    A follower of another replica's generation is admitted as a stream first
-    (`follow_admitted`): a refusal is an HTTP error, not a stream.
-    """
-    async with follow_admitted(request, generation):
-        return await _stream_sse(request, generation, after_seq, new=new, resumed=resumed)
-
-
-async def _stream_sse(
-    request: web.Request,
-    generation: Generation,
-    after_seq: int,
-    *,
-    new: bool = False,
-    resumed: bool = False,
-) -> web.StreamResponse:
-    """Stream the log after `after_seq`; the first frame also sets the client's `retry:`."""
-    streams = request.app[settings_key].streams
-    response = EventSourceResponse(
-        sep=SEPARATOR,
-        allow_all_methods=True,
-        ping_interval=streams.heartbeat_s,
-        send_timeout=streams.write_timeout_s,
-    )
-    retry = b"retry: %d\n" % streams.sse_retry_ms
-    tracker = track_stream(request, "sse", generation, new=new, resumed=resumed)
-    sink = ClientSink(request, response.write, write_timeout_s=streams.write_timeout_s)
-    try:
-        with generation.subscribe(after_seq) as subscription:
-            await response.prepare(request)
-            push = http_pusher(response, sink, tracker, _encoded)
-            async with response, sink:
-                while (batch := await subscription.next_batch()) is not None:
-                    data = retry + b"".join(map(_encoded, batch))
-                    await sink.write(data)
-                    tracker.wrote(batch, len(data))
-                    retry = b""
-                    subscription.push_tokens(push)  # the headers are out now
-            await finish_response(response)
-    except (ClientGone, ConnectionError):
-        pass
-    finally:
-        end_stream(request, tracker, stalled=sink.stalled)
-    return response
-
-
 async def stream_sse(request: web.Request) -> web.StreamResponse:
     """GET|POST /v1/stream/sse: a new generation, or a resume by `Last-Event-ID`."""
     last_event_id = request.headers.get("Last-Event-ID", "").strip()
     if last_event_id:
         generation_id, seq = parse_event_id(last_event_id)
-        generation = await find_generation(request, generation_id)
-        if already_delivered(generation, seq):
-            # 204 makes a browser EventSource stop reconnecting for good.
-            return web.Response(status=204)
-        return await serve_sse(request, generation, seq, resumed=True)
+        return await follow(request, generation_id, seq, sse_wire(request))
     if request.method == "POST":
-        body = await read_generation_body(request)
+        data = await read_generation_body(request)
     else:
-        body = body_from_query(request.query)
-    generation = await start_from_dict(request, body)
-    return await serve_sse(request, generation, after_seq=-1, new=True)
+        data = body_from_query(request.query)
+    generation = await admit_generation(request, parse_generation_request(data))
+    return await serve_stream(request, generation, -1, sse_wire(request), new=True)

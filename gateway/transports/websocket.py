@@ -22,19 +22,17 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from gateway.access_log import log_stream
+from gateway.admission import admit_follower, admit_generation, refuse_if_draining
 from gateway.auth import Unauthorized
 from gateway.errors import GatewayError, InvalidRequest, TooManyStreams
 from gateway.events import Event
-from gateway.generation import Generation, Subscription
+from gateway.generation_log import GenerationLog, LogSubscription
 from gateway.keys import principal, settings_key, socket_counts_key, websockets_key
-from gateway.observe import StreamTracker, end_stream, log_stream, track_stream
-from gateway.schema import parse_json_object
-from gateway.transports.common import (
-    cancel_generation,
-    ensure_accepting,
-    find_generation,
-    start_from_dict,
-)
+from gateway.ratelimit import Lease
+from gateway.schema import parse_generation_request, parse_json_object
+from gateway.stream_tracker import StreamTracker, end_stream, track_stream
+from gateway.transports.resume import find_generation, replay_from
 from gateway.transports.sink import ClientGone, ClientSink
 
 WIRE_FORMAT = "ws"
@@ -87,7 +85,9 @@ class WebSocketSession:
         self._request = request
         self._ws = ws
         self._max_active = request.app[settings_key].streams.max_per_socket
-        self._active: dict[str, tuple[asyncio.Task[None], Generation]] = {}
+        self._active: dict[str, tuple[asyncio.Task[None], GenerationLog]] = {}
+        #: Follower leases being released (a done callback cannot await).
+        self._releasing: set[asyncio.Task[None]] = set()
         self._sink = ClientSink(
             request,
             self._send_text,
@@ -118,6 +118,8 @@ class WebSocketSession:
             tasks.append(watchdog)
         if tasks:
             await asyncio.wait(tasks)
+        if self._releasing:  # the forwarders' done callbacks started these
+            await asyncio.wait(list(self._releasing))
 
     async def _send_text(self, data: bytes) -> None:
         await self._ws.send_frame(data, WSMsgType.TEXT)
@@ -169,9 +171,9 @@ class WebSocketSession:
     async def _generate(self, message: dict[str, Any], arrival: float) -> None:
         request_id = self._reserve(message)
         body = {k: v for k, v in message.items() if k not in _CONTROL_FIELDS}
-        generation = await start_from_dict(self._request, body)
+        generation = await admit_generation(self._request, parse_generation_request(body))
         tracker = track_stream(self._request, "websocket", generation, new=True, arrival=arrival)
-        self._forward(request_id, generation, -1, tracker)
+        self._forward(request_id, generation, -1, tracker, None)
 
     async def _resume(self, message: dict[str, Any]) -> None:
         request_id = self._reserve(message)
@@ -181,40 +183,52 @@ class WebSocketSession:
         if not isinstance(after_seq, int) or isinstance(after_seq, bool) or after_seq < -1:
             raise InvalidRequest("after_seq: an integer >= -1 is required")
         generation = await find_generation(self._request, generation_id)
-        terminal_seq = generation.terminal_seq
-        if terminal_seq is not None and after_seq >= terminal_seq:
-            # Nothing is after it; HTTP answers 204. A socket has no status,
-            # so the terminal event is sent again: the request id gets its end.
-            after_seq = terminal_seq - 1
+        lease = await admit_follower(self._request, generation)
         tracker = track_stream(self._request, "websocket", generation, new=False, resumed=True)
-        self._forward(request_id, generation, after_seq, tracker)
+        self._forward(request_id, generation, replay_from(generation, after_seq), tracker, lease)
 
     async def _cancel(self, message: dict[str, Any]) -> None:
         request_id = _request_id(message)
         active = self._active.get(request_id)
         if active is None:
             raise InvalidRequest(f"request_id {request_id!r} is not streaming on this socket")
-        await cancel_generation(active[1])
+        await active[1].request_cancel()
 
     def _forward(
-        self, request_id: str, generation: Generation, after_seq: int, tracker: StreamTracker
+        self,
+        request_id: str,
+        generation: GenerationLog,
+        after_seq: int,
+        tracker: StreamTracker,
+        lease: Lease | None,
     ) -> None:
+        """Follow `generation` for `request_id`; `lease` (a remote log's reader) ends with it."""
         # Attach now, synchronously, so a grace of 0 never sees zero subscribers.
         subscription = generation.subscribe(after_seq).__enter__()
         task = asyncio.get_running_loop().create_task(self._pump(request_id, subscription, tracker))
         self._active[request_id] = (task, generation)
         # A done callback, not the task's `finally`: a task cancelled before its
         # first step never runs its body, and the stream must still end once.
-        task.add_done_callback(lambda _: self._ended(request_id, subscription, tracker))
+        task.add_done_callback(lambda _: self._ended(request_id, subscription, tracker, lease))
 
-    def _ended(self, request_id: str, subscription: Subscription, tracker: StreamTracker) -> None:
+    def _ended(
+        self,
+        request_id: str,
+        subscription: LogSubscription,
+        tracker: StreamTracker,
+        lease: Lease | None,
+    ) -> None:
         self._active.pop(request_id, None)
         subscription.close()
         end_stream(self._request, tracker, stalled=self._sink.stalled)
         log_stream(self._request, tracker, ws_request_id=request_id)
+        if lease is not None:
+            release = asyncio.get_running_loop().create_task(lease.release(0))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
 
     async def _pump(
-        self, request_id: str, subscription: Subscription, tracker: StreamTracker
+        self, request_id: str, subscription: LogSubscription, tracker: StreamTracker
     ) -> None:
         try:
             while (batch := await subscription.next_batch()) is not None:
@@ -230,7 +244,7 @@ class WebSocketSession:
 
 async def stream_ws(request: web.Request) -> web.StreamResponse:
     """GET /v1/stream/ws"""
-    ensure_accepting(request)
+    refuse_if_draining(request)
     settings = request.app[settings_key]
     streams = settings.streams
     counts = request.app[socket_counts_key]

@@ -1,4 +1,4 @@
-"""What happened to each request and stream: metrics and one access-log line at its end.
+"""What happened to each stream: its metrics, and its part of the access-log line.
 
 A `StreamTracker` follows one client-facing stream (an HTTP stream, or one
 request id on a WebSocket) from the request's arrival to its end, whatever
@@ -10,28 +10,18 @@ when the handler is cancelled because the client left. Transports call
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.auth import client_ip
+from gateway.access_log import access_record_key, arrival_of
 from gateway.events import Event
 from gateway.generation import Generation
-from gateway.keys import (
-    lifecycle_key,
-    metrics_key,
-    principal_key,
-    request_id_key,
-    settings_key,
-)
+from gateway.generation_log import GenerationLog
+from gateway.keys import lifecycle_key, metrics_key
 from gateway.metrics import GatewayMetrics, Outcome, StreamChildren, Transport
-from gateway.middleware import Handler
-
-access_log = logging.getLogger("gateway.access")
 
 #: Function names listed in one access-log line at most.
 _LOGGED_TOOL_CALLS = 16
@@ -48,7 +38,7 @@ _STOP_OUTCOMES: dict[str | None, Outcome] = {
 }
 
 
-def outcome_of(terminal: Event, generation: Generation) -> Outcome:
+def outcome_of(terminal: Event, generation: GenerationLog) -> Outcome:
     """The outcome a client saw from the generation's terminal event."""
     if terminal.type == "error":
         return _ERROR_OUTCOMES.get(terminal.fields.get("code", ""), "upstream_error")
@@ -94,7 +84,7 @@ class StreamTracker:
     def __init__(
         self,
         transport: Transport,
-        generation: Generation,
+        generation: GenerationLog,
         children: StreamChildren | None,
         *,
         arrival: float,
@@ -183,7 +173,7 @@ class StreamTracker:
     def fields(self) -> dict[str, Any]:
         """This stream's part of an access-log line."""
         generation = self.generation
-        fields = {
+        fields: dict[str, Any] = {
             "transport": self.transport,
             "model": generation.model,
             "generation_id": generation.id,
@@ -194,37 +184,19 @@ class StreamTracker:
             "resumed": self.resumed,
         }
         # What an agent's operator asks first: did it call tools, which, did it think.
-        tool_calls = getattr(generation, "tool_calls", None)
+        tool_calls = generation.tool_calls
         if tool_calls:
             # Names come from the upstream as well: bounded in count and length.
             fields["tool_calls"] = [name[:64] for name in tool_calls[:_LOGGED_TOOL_CALLS]]
-        if getattr(generation, "reasoning_events", 0):
+        if generation.reasoning_events:
             fields["reasoning_tokens"] = generation.reasoning_events
         return fields
-
-
-@dataclass(slots=True)
-class AccessRecord:
-    """Per request: when it arrived, the status it got, and its stream(s)."""
-
-    arrival: float
-    status: int | None = None
-    stream: StreamTracker | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-access_record_key = web.RequestKey("access_record", AccessRecord)
-
-
-def arrival_of(request: web.Request) -> float:
-    record = request.get(access_record_key)
-    return record.arrival if record is not None else time.monotonic()
 
 
 def track_stream(
     request: web.Request,
     transport: Transport,
-    generation: Generation,
+    generation: GenerationLog,
     *,
     new: bool,
     resumed: bool = False,
@@ -250,86 +222,3 @@ def track_stream(
 def end_stream(request: web.Request, tracker: StreamTracker, *, stalled: bool) -> Outcome:
     """Count the stream's end; a stream cut short by a drain counts as `shutdown`."""
     return tracker.finish(stalled=stalled, draining=request.app[lifecycle_key].draining)
-
-
-def route_of(request: web.Request) -> str:
-    """The route's pattern (never the raw path, which is unbounded user input)."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-def request_fields(request: web.Request) -> dict[str, Any]:
-    """Who asked: request id, principal and client address (never a credential)."""
-    caller = request.get(principal_key)
-    trusted = request.app[settings_key].server.trusted_proxies
-    return {
-        "request_id": request.get(request_id_key),
-        "principal": caller.id if caller is not None else None,
-        "client_ip": client_ip(request.remote, request.headers.get("X-Forwarded-For"), trusted),
-    }
-
-
-def log_stream(request: web.Request, tracker: StreamTracker, **extra: Any) -> None:
-    """The access line of one WebSocket stream (HTTP streams share their request's line)."""
-    if not access_log.isEnabledFor(logging.INFO) or not _access_log_on(request):
-        return
-    duration_ms = round((time.monotonic() - tracker.arrival) * 1000, 1)
-    access_log.info(
-        "stream",
-        extra={
-            **request_fields(request),
-            "route": route_of(request),
-            "duration_ms": duration_ms,
-            **tracker.fields(),
-            **extra,
-        },
-    )
-
-
-def _access_log_on(request: web.Request) -> bool:
-    return request.app[settings_key].logging.access_log
-
-
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count every request by route, method and status, and log one line at its end."""
-    record = request[access_record_key] = AccessRecord(time.monotonic())
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except BaseException:
-        # Cancelled (the client left): 499 unless headers had gone out already.
-        status = record.status if record.status is not None else 499
-        raise
-    finally:
-        metrics = request.app[metrics_key]
-        route = route_of(request)
-        metrics.http_request(route, request.method, status)
-        if access_log.isEnabledFor(logging.INFO) and _access_log_on(request):
-            _log_request(request, record, route, status)
-
-
-def _log_request(request: web.Request, record: AccessRecord, route: str, status: int) -> None:
-    fields: dict[str, Any] = {
-        **request_fields(request),
-        "method": request.method,
-        "route": route,
-        "status": status,
-        "duration_ms": round((time.monotonic() - record.arrival) * 1000, 1),
-    }
-    if record.stream is not None:
-        fields.update(record.stream.fields())
-    fields.update(record.extra)
-    access_log.info("request", extra=fields)
-
-
-async def record_status(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare`: the status a stream's client got before it ended."""
-    record = request.get(access_record_key)
-    if record is not None:
-        record.status = response.status
