@@ -223,9 +223,6 @@ class Settings(_Section):
             )
         return self
 
-    def model(self, name: str) -> ModelSettings | None:
-        return next((m for m in self.models if m.name == name), None)
-
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":

@@ -176,8 +176,5 @@ class Event:
         """Free the cached wire encoding (the log is finished; resumes re-encode)."""
         self._wire = self._encoded = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "seq": self.seq, **self.fields}
-
     def __repr__(self) -> str:
         return f"Event({self.event_id}, {self.type})"

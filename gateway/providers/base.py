@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 from gateway.schema import GenerationRequest
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+#: OpenAI's finish reasons, the ones this gateway speaks both ways.
+FINISH_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from gateway.errors import UpstreamError
-from gateway.providers.base import Delta, FinishReason, Reasoning, ToolCallDelta
+from gateway.providers.base import FINISH_REASONS, Delta, FinishReason, Reasoning, ToolCallDelta
 
 _REASONING_KEYS = ("reasoning_content", "reasoning")
 #: Delta fields that the chat stream documents but this gateway cannot forward.
@@ -88,8 +88,8 @@ class DeltaReader:
             # Some servers (older Ollama, llama.cpp) end a tool call with `stop`;
             # agent frameworks branch on `tool_calls`.
             return "tool_calls"
-        if raw in ("length", "content_filter"):
-            return raw  # type: ignore[return-value]
+        if raw in FINISH_REASONS:
+            return cast(FinishReason, raw)
         return "stop"
 
     def _tool_call(self, call: Any, position: int) -> ToolCallDelta | None:

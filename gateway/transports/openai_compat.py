@@ -25,6 +25,7 @@ from gateway.generation_log import LogSubscription
 from gateway.keys import catalog_key
 from gateway.metrics import Transport
 from gateway.middleware import json_response
+from gateway.providers.base import FINISH_REASONS
 from gateway.schema import FORWARDED_FIELDS, GenerationRequest, parse_generation_request
 from gateway.stream_tracker import StreamTracker, end_stream, track_stream
 from gateway.transports.body import read_generation_body
@@ -100,7 +101,7 @@ def parse_chat_request(
 def _finish_reason(event: Event) -> str:
     """OpenAI's reasons; our `cancelled` (the caller went away) has no equivalent."""
     reason = event.fields.get("finish_reason")
-    return reason if reason in ("length", "content_filter", "tool_calls") else "stop"
+    return reason if reason in FINISH_REASONS else "stop"
 
 
 class ChunkEncoder:

@@ -53,7 +53,6 @@ class ClientSink:
         self._pending_since: float | None = None
         self._inflight = 0
         self._watchdog: asyncio.Task[None] | None = None
-        self.bytes_written = 0
         self.stalled = False
 
     async def __aenter__(self) -> ClientSink:
@@ -86,7 +85,6 @@ class ClientSink:
             if not self._inflight:
                 self._pending_since = None
         self._last_output = self._loop.time()
-        self.bytes_written += len(data)
 
     def write_now(self, data: bytes) -> bool:
         """Queue `data` on the socket without awaiting, if the client keeps up; else False.
@@ -106,7 +104,6 @@ class ClientSink:
             return False
         transport.write(data)
         self._last_output = self._loop.time()
-        self.bytes_written += len(data)
         return True
 
     async def _watch(self) -> None:
