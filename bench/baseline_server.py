@@ -19,7 +19,7 @@ from gateway.config import SimulatedModel
 from gateway.providers.base import Finish
 from gateway.providers.simulated import SimulatedProvider
 from gateway.schema import parse_generation_request
-from gateway.server import new_event_loop
+from tests.fake_upstream import serve
 
 
 def make_app(tokens_per_second: float, first_token_ms: float) -> web.Application:
@@ -64,15 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-second", type=float, default=50)
     parser.add_argument("--first-token-ms", type=float, default=150)
     args = parser.parse_args(argv)
-    web.run_app(
-        make_app(args.tokens_per_second, args.first_token_ms),
-        host="127.0.0.1",
-        port=args.port,
-        print=None,
-        access_log=None,
-        handler_cancellation=True,
-        loop=new_event_loop(),  # uvloop, as `gateway serve`: compare like with like
-    )
+    # On uvloop, with handler cancellation, as `gateway serve`: compare like with like.
+    serve(make_app(args.tokens_per_second, args.first_token_ms), args.port)
     return 0
 
 

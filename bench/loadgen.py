@@ -1,167 +1,297 @@
-"""Load generator: N concurrent SSE streams, run in its own process.
+"""The benchmarks' one load generator: streams over one transport, in its own process.
 
-It must not be the bottleneck, so it does not parse events: it times the
-first token and counts `event: token` frames in the raw bytes. It prints one
-JSON summary on stdout; the orchestrator (`bench.sse_streams`) turns the
-summaries of the gateway and the baseline into ratios.
+    python -m bench.loadgen --url http://127.0.0.1:8080 --transport sse --model paced-20 \
+        --concurrency 500 --duration-s 30 --tokens 100
+
+It must not be the bottleneck, so it does not parse events: it counts each
+transport's token marker in the raw bytes (one WebSocket message per event).
+`--streams` streams run, `--concurrency` at a time (all at once without it),
+their starts spread over `--ramp-s`; `--duration-s` instead keeps
+`--concurrency` streams running, each starting a new one when it ends.
+`--drop-after N` closes the connection after N tokens and reports the moment
+(`time.monotonic()`, system-wide on Linux) with the stream's `X-Request-ID`,
+so that the orchestrator can ask the upstream when it stopped. Each request
+carries its index as `seed`, so a simulated model writes the same text on
+every server compared. One JSON summary goes to stdout: `peak_open` counts
+streams from their first byte sent, `held_peak` only those the server
+answered and has not finished (the streams it held at once).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
+import contextlib
 import sys
 import time
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
 
-TOKEN_MARK = b"\nevent: token\n"
-#: In OpenAI's chunks; the role chunk (`"delta":{"role":…`) does not match.
-CHAT_TOKEN_MARK = b'"delta":{"content":'
+#: What one token looks like in the raw bytes of each transport.
+MARKS = {
+    "openai": b'"delta":{"content":',  # the role chunk (`"delta":{"role":…`) does not match
+    "sse": b"event: token\n",
+    "chunked": b'{"type":"token"',
+    "ws": b'"type":"token"',
+    # WebSocket on a socket each worker keeps open, as the browser client does
+    # (one multiplexed socket): no connect and no upgrade in a stream's TTFT.
+    "ws-open": b'"type":"token"',
+}
+ROUTES = {
+    "openai": "/v1/chat/completions",
+    "sse": "/v1/stream/sse",
+    "chunked": "/v1/stream/chunked",
+}
+#: An error, in the raw bytes of any transport.
+ERROR_MARKS = (b"event: error", b'"type":"error"', b'data: {"error"')
 
 
 @dataclass
-class StreamResult:
-    ok: bool = False
-    ttft_s: float | None = None
+class Totals:
+    started: int = 0
+    completed: int = 0
     tokens: int = 0
-    duration_s: float = 0.0
-    error: str | None = None
-
-
-@dataclass
-class Gauge:
-    """How many streams are open at once: the number of streams held."""
-
     open: int = 0
     peak: int = 0
-    peak_at: float = 0.0
-    samples: list[int] = field(default_factory=list)
+    held: int = 0
+    held_peak: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    ttfts: array[float] = field(default_factory=lambda: array("d"))
+    gaps: array[float] = field(default_factory=lambda: array("d"))
+    durations: array[float] = field(default_factory=lambda: array("d"))
+    drops: list[dict[str, Any]] = field(default_factory=list)
 
-    def enter(self) -> None:
-        self.open += 1
-        if self.open > self.peak:
-            self.peak, self.peak_at = self.open, time.monotonic()
+    def failed(self, why: str) -> None:
+        self.errors[why] = self.errors.get(why, 0) + 1
 
-    def leave(self) -> None:
-        self.open -= 1
-
-
-async def one_stream(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    gauge: Gauge,
-    timeout_s: float,
-    headers: dict[str, str],
-    mark: bytes = TOKEN_MARK,
-) -> StreamResult:
-    result = StreamResult()
-    started = time.perf_counter()
-    tail = b""
-    try:
-        async with session.post(
-            url,
-            data=body,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as response:
-            if response.status != 200:
-                result.error = f"HTTP {response.status}"
-                return result
-            gauge.enter()
-            try:
-                async for chunk in response.content.iter_any():
-                    window = tail + chunk
-                    found = window.count(mark)
-                    if found and result.ttft_s is None:
-                        result.ttft_s = time.perf_counter() - started
-                    result.tokens += found
-                    tail = window[-(len(mark) - 1) :]
-                    if b"event: error" in window or b'data: {"error"' in window:
-                        result.error = "error event"
-            finally:
-                gauge.leave()
-        result.ok = result.error is None
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        result.error = type(exc).__name__
-    result.duration_s = time.perf_counter() - started
-    return result
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """While the server streams an answer it accepted."""
+        self.held += 1
+        self.held_peak = max(self.held_peak, self.held)
+        try:
+            yield
+        finally:
+            self.held -= 1
 
 
-def percentile(values: list[float], q: float) -> float:
+class Stream:
+    """One stream's clock: TTFT, the gaps between tokens, and its count."""
+
+    def __init__(self, totals: Totals, mark: bytes) -> None:
+        self.totals = totals
+        self.mark = mark
+        self.started = time.perf_counter()
+        self.last: float | None = None
+        self.tokens = 0
+        self.tail = b""
+
+    def saw(self, data: bytes) -> bool:
+        """Count the tokens in `data` (a marker may straddle two reads); True on an error."""
+        window = self.tail + data
+        found = window.count(self.mark)
+        self.tail = window[-(len(self.mark) - 1) :]
+        if found:
+            now = time.perf_counter()
+            if self.last is None:
+                self.totals.ttfts.append(now - self.started)
+            else:
+                self.totals.gaps.append(now - self.last)
+            self.totals.gaps.extend([0.0] * (found - 1))
+            self.last = now
+            self.tokens += found
+            self.totals.tokens += found
+        return any(mark in window for mark in ERROR_MARKS)
+
+
+def percentile(values: array[float] | list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
-    gauge = Gauge()
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    if args.bearer:
-        headers["Authorization"] = f"Bearer {args.bearer}"
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
+class Generator:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.totals = Totals()
+        self.mark = MARKS[args.transport]
+        self.counter = 0
 
-        async def staggered(index: int) -> StreamResult:
-            await asyncio.sleep(args.ramp_s * index / max(1, args.streams))
-            fields: dict[str, object] = {
-                "messages": [{"role": "user", "content": f"bench stream {index}"}],
-                "max_tokens": args.max_tokens,
-                "seed": index,
-            }
-            if args.model:
-                fields["model"] = args.model
-            if args.chat:
-                fields["stream"] = True
-            body = orjson.dumps(fields)
-            mark = CHAT_TOKEN_MARK if args.chat else TOKEN_MARK
-            return await one_stream(session, args.url, body, gauge, args.timeout_s, headers, mark)
+    def body(self, index: int) -> bytes:
+        fields: dict[str, Any] = {
+            "messages": [{"role": "user", "content": f"bench stream {index}"}],
+            "max_tokens": self.args.tokens,
+            "seed": index,
+        }
+        if self.args.model:
+            fields["model"] = self.args.model
+        if self.args.transport == "openai":
+            fields["stream"] = True
+        return orjson.dumps(fields)
 
-        began = time.perf_counter()
-        results = await asyncio.gather(*(staggered(i) for i in range(args.streams)))
-        wall = time.perf_counter() - began
-    ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
-    errors: dict[str, int] = {}
-    for r in results:
-        if r.error:
-            errors[r.error] = errors.get(r.error, 0) + 1
-    return {
-        "streams": args.streams,
-        "completed": sum(r.ok and r.tokens == args.max_tokens for r in results),
-        "held_peak": gauge.peak,
-        "tokens": sum(r.tokens for r in results),
-        "ttft_p50_s": percentile(ttfts, 0.50),
-        "ttft_p99_s": percentile(ttfts, 0.99),
-        "duration_p50_s": statistics.median(r.duration_s for r in results),
-        "duration_p99_s": percentile([r.duration_s for r in results], 0.99),
-        "wall_s": wall,
-        "errors": errors,
-    }
+    def headers(self, index: int) -> dict[str, str]:
+        headers = {}
+        if self.args.bearer:
+            headers["Authorization"] = f"Bearer {self.args.bearer}"
+        if self.args.drop_after:
+            headers["X-Request-ID"] = f"rec-{self.args.tag}-{index}"
+        return headers
+
+    async def one(
+        self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse | None = None
+    ) -> None:
+        index = self.counter
+        self.counter += 1
+        totals = self.totals
+        totals.started += 1
+        stream = Stream(totals, self.mark)
+        totals.open += 1
+        totals.peak = max(totals.peak, totals.open)
+        try:
+            async with asyncio.timeout(self.args.timeout_s):
+                if ws is not None:
+                    ended = await self._on_websocket(ws, stream, index)
+                elif self.args.transport == "ws":
+                    ended = await self._websocket(session, stream, index)
+                else:
+                    ended = await self._http(session, stream, index)
+            if ended == "dropped":
+                pass
+            elif ended != "done":
+                totals.failed(ended)
+            elif stream.tokens != self.args.tokens:
+                totals.failed("missing tokens")
+            else:
+                totals.completed += 1
+                totals.durations.append(time.perf_counter() - stream.started)
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            totals.failed(type(exc).__name__)
+        finally:
+            totals.open -= 1
+
+    def _dropped(self, index: int) -> str:
+        self.totals.drops.append({"id": f"rec-{self.args.tag}-{index}", "at": time.monotonic()})
+        return "dropped"
+
+    async def _http(self, session: aiohttp.ClientSession, stream: Stream, index: int) -> str:
+        url = self.args.url + ROUTES[self.args.transport]
+        headers = {"Content-Type": "application/json", **self.headers(index)}
+        if self.args.transport != "chunked":
+            headers["Accept"] = "text/event-stream"
+        async with session.post(url, data=self.body(index), headers=headers) as r:
+            if r.status != 200:
+                return f"HTTP {r.status}"
+            with self.totals.holding():
+                async for chunk in r.content.iter_any():
+                    error = stream.saw(chunk)
+                    if self.args.drop_after and stream.tokens >= self.args.drop_after:
+                        dropped = self._dropped(index)
+                        r.close()  # the connection, mid-body: as a closed browser tab
+                        return dropped
+                    if error:
+                        return "error event"
+        return "done"
+
+    async def _websocket(self, session: aiohttp.ClientSession, stream: Stream, index: int) -> str:
+        url = self.args.url + "/v1/stream/ws"
+        async with session.ws_connect(url, headers=self.headers(index)) as ws:
+            return await self._on_websocket(ws, stream, index)
+
+    async def _on_websocket(
+        self, ws: aiohttp.ClientWebSocketResponse, stream: Stream, index: int
+    ) -> str:
+        """One stream on an open socket; `ws-open` reuses it for the next one."""
+        message = b'{"type":"generate","request_id":"r%d",' % index + self.body(index)[1:]
+        await ws.send_str(message.decode())
+        with self.totals.holding():
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.TEXT:
+                    return f"websocket {frame.type.name}"
+                data = frame.data.encode()
+                stream.saw(data)
+                if self.args.drop_after and stream.tokens >= self.args.drop_after:
+                    dropped = self._dropped(index)
+                    await ws.close()  # as a browser closing the tab (1001 or 1000)
+                    return dropped
+                if b'"type":"done"' in data:
+                    return "done"
+                if b'"type":"error"' in data:
+                    return "error event"
+        return "closed early"
+
+    async def run(self) -> dict[str, Any]:
+        args = self.args
+        concurrency = args.concurrency or args.streams
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            began = time.perf_counter()
+            deadline = began + args.duration_s if args.duration_s else None
+
+            async def worker(slot: int) -> None:
+                await asyncio.sleep(args.ramp_s * slot / max(1, concurrency))
+                ws = None
+                if args.transport == "ws-open":
+                    ws = await session.ws_connect(args.url + "/v1/stream/ws")
+                try:
+                    while True:
+                        if deadline is None and self.counter >= args.streams:
+                            return
+                        if deadline is not None and time.perf_counter() >= deadline:
+                            return
+                        await self.one(session, ws)
+                finally:
+                    if ws is not None:
+                        await ws.close()
+
+            await asyncio.gather(*(worker(slot) for slot in range(concurrency)))
+            wall = time.perf_counter() - began
+        t = self.totals
+        return {
+            "started": t.started,
+            "completed": t.completed,
+            "errors": t.errors,
+            "tokens": t.tokens,
+            "wall_s": wall,
+            "tokens_per_s": t.tokens / wall if wall else 0.0,
+            "peak_open": t.peak,
+            "held_peak": t.held_peak,
+            "ttft_p50_s": percentile(t.ttfts, 0.5),
+            "ttft_p99_s": percentile(t.ttfts, 0.99),
+            "itl_p50_s": percentile(t.gaps, 0.5),
+            "itl_p99_s": percentile(t.gaps, 0.99),
+            "duration_p50_s": percentile(t.durations, 0.5),
+            "duration_p99_s": percentile(t.durations, 0.99),
+            "drops": t.drops,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--streams", type=int, default=500)
-    parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--ramp-s", type=float, default=1.0, help="spread stream starts")
-    parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--url", required=True, help="the server's base URL")
+    parser.add_argument("--transport", choices=sorted(MARKS), default="sse")
+    parser.add_argument("--model", help="the request's model (default: the server's)")
+    parser.add_argument("--tokens", "--max-tokens", type=int, default=64, dest="tokens")
+    parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=0, help="0: every stream at once")
+    parser.add_argument("--duration-s", type=float, default=0.0)
+    parser.add_argument("--ramp-s", type=float, default=0.0, help="spread the first starts")
+    parser.add_argument("--drop-after", type=int, default=0)
+    parser.add_argument("--tag", default="run", help="part of recorded request ids")
     parser.add_argument("--bearer", help="send Authorization: Bearer <this>")
-    parser.add_argument("--model", help="the request's model")
-    parser.add_argument(
-        "--chat", action="store_true", help="an OpenAI chat-completions stream (stream: true)"
-    )
+    parser.add_argument("--timeout-s", type=float, default=120.0)
     args = parser.parse_args(argv)
     from gateway.server import new_event_loop
 
     loop = new_event_loop()
     try:
-        summary = loop.run_until_complete(run(args))
+        summary = loop.run_until_complete(Generator(args).run())
     finally:
         loop.close()
     sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")

@@ -16,18 +16,29 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
-from bench.sse_streams import Server, free_port, start_process
+from bench.sse_streams import (
+    NO_LIMITS,
+    Server,
+    free_port,
+    servers_in_workdir,
+    start_gateway,
+    start_process,
+)
+
+#: name -> (the route's transport, the model asked for); `direct` is the upstream itself.
+TARGETS = {
+    "direct": ("openai", "fake-model"),
+    "chat": ("openai", "gpt"),
+    "sse": ("sse", "gpt"),
+}
 
 
 def gateway_config(port: int, upstream_port: int) -> dict[str, Any]:
-    zero = {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
     model = {
         "name": "gpt",
         "provider": "openai",
@@ -40,23 +51,20 @@ def gateway_config(port: int, upstream_port: int) -> dict[str, Any]:
         "server": {"host": "127.0.0.1", "port": port},
         "models": [model],
         "auth": {"anonymous": True},
-        "rate_limit": {"default": zero},
+        "rate_limit": {"default": NO_LIMITS},
         "logging": {"level": "warning"},
     }
 
 
-async def load(
-    target: str, url: str, streams: int, tokens: int, watched: Server
-) -> dict[str, float]:
-    """One loadgen run; CPU is the watched process's (the gateway, or the upstream)."""
+async def load(target: str, watched: Server, streams: int, tokens: int) -> dict[str, float]:
+    """One loadgen run at `watched`, whose CPU it reports (the gateway, or the upstream)."""
     ps = watched.ps
     before = ps.cpu_times()
-    chat = target != "sse"
-    model = "fake-model" if target == "direct" else "gpt"
+    transport, model = TARGETS[target]
     loadgen = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "bench.loadgen", "--url", url, "--model", model),
-        *("--streams", str(streams), "--max-tokens", str(tokens), "--ramp-s", "1"),
-        *(("--chat",) if chat else ()),
+        *(sys.executable, "-m", "bench.loadgen", "--url", watched.url),
+        *("--transport", transport, "--model", model),
+        *("--streams", str(streams), "--tokens", str(tokens), "--ramp-s", "1"),
         stdout=asyncio.subprocess.PIPE,
     )
     stdout, _ = await loadgen.communicate()
@@ -73,90 +81,57 @@ async def load(
     }
 
 
+async def upstream_and_gateway(
+    servers: list[Server], workdir: Path, name: str, *options: str
+) -> dict[str, Server]:
+    """The fake upstream (`tests/fake_upstream.py`) with `options`, and a gateway in front."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tests.fake_upstream", "--port", str(port), *options]
+    servers.append(await start_process(name, argv, port))
+    config = gateway_config(free_port(), port)
+    servers.append(await start_gateway(f"{name}-gateway", config, workdir))
+    upstream, gateway = servers[-2:]
+    return {"direct": upstream, "chat": gateway, "sse": gateway}
+
+
 async def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    servers: list[Server] = []
-    try:
-        with tempfile.TemporaryDirectory() as workdir:
-            paced_port, flood_port, gw_port, gw2_port = (free_port() for _ in range(4))
-            upstream_argv = [sys.executable, "-m", "bench.upstream_server", "--port"]
-            paced = await start_process(
-                "upstream",
-                [*upstream_argv, str(paced_port), "--tokens", str(args.tokens)],
-                paced_port,
-            )
-            flood = await start_process(
-                "flood-upstream",
-                [*upstream_argv, str(flood_port), "--tokens", "2000", "--token-delay-s", "0"],
-                flood_port,
-            )
-            servers += [paced, flood]
-            gateways = []
-            for port, upstream_port in ((gw_port, paced_port), (gw2_port, flood_port)):
-                path = Path(workdir) / f"gw-{port}.yaml"
-                path.write_text(yaml.safe_dump(gateway_config(port, upstream_port)))
-                argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
-                gateways.append(await start_process("gateway", argv, port))
-            servers += gateways
-            urls = {
-                "direct": (f"http://127.0.0.1:{paced_port}/v1/chat/completions", paced),
-                "chat": (f"http://127.0.0.1:{gw_port}/v1/chat/completions", gateways[0]),
-                "sse": (f"http://127.0.0.1:{gw_port}/v1/stream/sse", gateways[0]),
-            }
-            for name, (url, watched) in urls.items():  # warm-up
-                await load(name, url, 20, 10, watched)
-            rounds = []
-            for index in range(args.rounds):
-                names = list(urls)
-                names = names[index % 3 :] + names[: index % 3]
-                rounds.append(
-                    {
-                        n: await load(n, urls[n][0], args.streams, args.tokens, urls[n][1])
-                        for n in names
-                    }
-                )
-                print(f"round {index + 1}: {rounds[-1]}", flush=True)
-            flood_urls = {
-                "direct": (f"http://127.0.0.1:{flood_port}/v1/chat/completions", flood),
-                "chat": (f"http://127.0.0.1:{gw2_port}/v1/chat/completions", gateways[1]),
-                "sse": (f"http://127.0.0.1:{gw2_port}/v1/stream/sse", gateways[1]),
-            }
-            flooded = {
-                n: await load(n, url, 20, 2000, watched) for n, (url, watched) in flood_urls.items()
-            }
-            return rounds, flooded
-    finally:
-        for server in servers:
-            server.process.terminate()
-            await server.process.wait()
+    async with servers_in_workdir() as (servers, workdir):
+        paced = await upstream_and_gateway(servers, workdir, "paced", "--tokens", str(args.tokens))
+        flood = await upstream_and_gateway(
+            servers, workdir, "flood", "--tokens", "2000", "--token-delay-s", "0"
+        )
+        for name, watched in paced.items():  # warm-up
+            await load(name, watched, 20, 10)
+        rounds = []
+        for index in range(args.rounds):
+            names = list(paced)
+            names = names[index % 3 :] + names[: index % 3]
+            rounds.append({n: await load(n, paced[n], args.streams, args.tokens) for n in names})
+            print(f"round {index + 1}: {rounds[-1]}", flush=True)
+        flooded = {n: await load(n, watched, 20, 2000) for n, watched in flood.items()}
+        return rounds, flooded
 
 
 def report(rounds: list[dict[str, Any]], flooded: dict[str, Any], args: argparse.Namespace) -> str:
     def median(name: str, key: str) -> float:
-        return statistics.median(r[name][key] for r in rounds)
+        return float(statistics.median(r[name][key] for r in rounds))
 
-    direct50, direct99 = median("direct", "ttft_p50_ms"), median("direct", "ttft_p99_ms")
     lines = [
         f"Paced: {args.streams} streams x {args.tokens} tokens at 50 tokens/s; "
         f"median of {len(rounds)} round(s)",
         "",
         "| | direct to upstream | gateway /v1/chat/completions | gateway /v1/stream/sse |",
         "|---|---:|---:|---:|",
-        "| TTFT p50 (ms) | {:.1f} | {:.1f} (+{:.1f}) | {:.1f} (+{:.1f}) |".format(
-            direct50,
-            median("chat", "ttft_p50_ms"),
-            median("chat", "ttft_p50_ms") - direct50,
-            median("sse", "ttft_p50_ms"),
-            median("sse", "ttft_p50_ms") - direct50,
-        ),
-        "| TTFT p99 (ms) | {:.1f} | {:.1f} (+{:.1f}) | {:.1f} (+{:.1f}) |".format(
-            direct99,
-            median("chat", "ttft_p99_ms"),
-            median("chat", "ttft_p99_ms") - direct99,
-            median("sse", "ttft_p99_ms"),
-            median("sse", "ttft_p99_ms") - direct99,
-        ),
+    ]
+    for quantile in ("p50", "p99"):
+        key = f"ttft_{quantile}_ms"
+        direct = median("direct", key)
+        chat, sse = (median(n, key) for n in ("chat", "sse"))
+        through = f"{chat:.1f} (+{chat - direct:.1f}) | {sse:.1f} (+{sse - direct:.1f})"
+        lines.append(f"| TTFT {quantile} (ms) | {direct:.1f} | {through} |")
+    lines += [
         "| CPU per 1,000 tokens (ms; direct: the upstream's) | {:.1f} | {:.1f} | {:.1f} |".format(
-            *(median(n, "cpu_ms_per_1k_tokens") for n in ("direct", "chat", "sse"))
+            *(median(n, "cpu_ms_per_1k_tokens") for n in TARGETS)
         ),
         "",
         "Flood: 20 streams x 2,000 tokens, no pacing",
@@ -164,7 +139,7 @@ def report(rounds: list[dict[str, Any]], flooded: dict[str, Any], args: argparse
         "| | direct | gateway chat | gateway sse |",
         "|---|---:|---:|---:|",
         "| tokens/s delivered | {:.0f} | {:.0f} | {:.0f} |".format(
-            *(flooded[n]["tokens_per_s"] for n in ("direct", "chat", "sse"))
+            *(flooded[n]["tokens_per_s"] for n in TARGETS)
         ),
         "| gateway CPU per 1,000 tokens (ms) | | {:.1f} | {:.1f} |".format(
             *(flooded[n]["cpu_ms_per_1k_tokens"] for n in ("chat", "sse"))

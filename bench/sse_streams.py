@@ -16,12 +16,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,26 +78,13 @@ async def gateway_process(
     config: dict[str, Any],
 ) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     """`gateway serve` with `config` (it sets `server.port`), ready; stopped on exit."""
-    port = config["server"]["port"]
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config))
-        process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "gateway", "serve", "--config", str(path)),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            await wait_ready(url, process)
-            yield url, process
-        finally:
-            process.terminate()
-            await process.wait()
+    async with servers_in_workdir() as (servers, workdir):
+        gateway = await start_gateway("gateway", config, workdir, stderr=asyncio.subprocess.DEVNULL)
+        servers.append(gateway)
+        yield gateway.url, gateway.process
 
 
-def gateway_config(port: int, args: argparse.Namespace) -> dict[str, object]:
+def gateway_config(port: int, args: argparse.Namespace) -> dict[str, Any]:
     """The default config, with limits lifted so the benchmark measures streaming."""
     many = {"requests_per_minute": 10**6, "tokens_per_minute": 10**9, "concurrent_streams": 10**5}
     return {
@@ -115,32 +103,71 @@ def gateway_config(port: int, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-async def start_servers(args: argparse.Namespace, workdir: Path) -> list[Server]:
-    gw_port, base_port = free_port(), free_port()
-    config = workdir / "bench-gateway.yaml"
-    config.write_text(yaml.safe_dump(gateway_config(gw_port, args)))
-    commands = {
-        "gateway": ([sys.executable, "-m", "gateway", "serve", "--config", str(config)], gw_port),
-        "baseline": (
-            [
-                *(sys.executable, "-m", "bench.baseline_server", "--port", str(base_port)),
-                *("--tokens-per-second", str(args.tokens_per_second)),
-                *("--first-token-ms", str(args.first_token_ms)),
-            ],
-            base_port,
-        ),
-    }
-    return [await start_process(name, argv, port) for name, (argv, port) in commands.items()]
-
-
-async def start_process(name: str, argv: list[str], port: int, bearer: str | None = None) -> Server:
+async def start_process(
+    name: str, argv: list[str], port: int, bearer: str | None = None, stderr: Any = None
+) -> Server:
+    """A server process on `port`, once its `/healthz` answers."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = await asyncio.create_subprocess_exec(
-        *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=None
+        *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=stderr
     )
     base = f"http://127.0.0.1:{port}"
-    await wait_ready(base, process)
-    return Server(name, base + "/v1/stream/sse", process, bearer)
+    try:
+        await wait_ready(base, process)
+    except BaseException:
+        process.terminate()
+        await process.wait()
+        raise
+    return Server(name, base, process, bearer)
+
+
+async def start_gateway(
+    name: str,
+    config: dict[str, Any],
+    workdir: Path,
+    bearer: str | None = None,
+    stderr: Any = None,
+) -> Server:
+    """`gateway serve` with `config` (written to `workdir/<name>.yaml`), ready."""
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
+    return await start_process(name, argv, config["server"]["port"], bearer, stderr)
+
+
+@contextlib.asynccontextmanager
+async def servers_in_workdir() -> AsyncIterator[tuple[list[Server], Path]]:
+    """A list to start servers into and a folder for their configs; all stopped on exit."""
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            yield servers, Path(workdir)
+        finally:
+            for server in servers:
+                server.process.terminate()
+                await server.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def redis_url() -> AsyncIterator[str]:
+    """A throwaway redis-server (no persistence) on a free port, killed on exit."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    redis = await asyncio.create_subprocess_exec(
+        *(binary, "--port", str(port), "--bind", "127.0.0.1"),
+        *("--save", "", "--appendonly", "no"),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        redis.kill()
+        await redis.wait()
+
+
+Rounds = list[dict[str, dict[str, float]]]
 
 
 async def measure(server: Server, args: argparse.Namespace) -> dict[str, float]:
@@ -151,8 +178,8 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, float]:
     cpu_before = cpu.user + cpu.system
     peak_rss = rss_before
     loadgen = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "bench.loadgen", "--url", server.url),
-        *("--streams", str(args.streams), "--max-tokens", str(args.max_tokens)),
+        *(sys.executable, "-m", "bench.loadgen", "--url", server.url, "--transport", "sse"),
+        *("--streams", str(args.streams), "--tokens", str(args.max_tokens)),
         *("--ramp-s", str(args.ramp_s)),
         *(("--bearer", server.bearer) if server.bearer else ()),
         cwd=ROOT,
@@ -194,7 +221,7 @@ ROWS = (
 )
 
 
-def report(rounds: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
+def report(rounds: Rounds, args: argparse.Namespace) -> str:
     def median(server: str, key: str) -> float:
         return statistics.median(r[server][key] for r in rounds)
 
@@ -217,34 +244,74 @@ def report(rounds: list[dict[str, dict[str, float]]], args: argparse.Namespace) 
     return "\n".join(lines)
 
 
-async def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, float]]]:
-    with tempfile.TemporaryDirectory() as workdir:
-        servers = await start_servers(args, Path(workdir))
-        try:
-            warmup = argparse.Namespace(**{**vars(args), "streams": 50, "max_tokens": 20})
-            for server in servers:  # first-use costs (imports, arenas) are not per stream
-                await measure(server, warmup)
-            rounds = []
-            for index in range(args.rounds):
-                order = servers if index % 2 else servers[::-1]
-                measured = {}
-                for server in order:
-                    measured[server.name] = await measure(server, args)
-                    print(f"round {index + 1} {server.name}: {measured[server.name]}", flush=True)
-                rounds.append(measured)
-        finally:
-            for server in servers:
-                server.process.terminate()
-                await server.process.wait()
+async def compare(servers: list[Server], args: argparse.Namespace) -> Rounds:
+    """A warm-up per server (first-use costs, such as imports and arenas, are not
+    per stream), then `args.rounds` rounds measuring each server in turn, the
+    order rotating so that no server always goes first."""
+    warmup = argparse.Namespace(**{**vars(args), "streams": 50, "max_tokens": 20})
+    for server in servers:
+        await measure(server, warmup)
+    rounds = []
+    for index in range(args.rounds):
+        shift = index % len(servers)
+        measured = {}
+        for server in servers[shift:] + servers[:shift]:
+            measured[server.name] = await measure(server, args)
+            print(f"round {index + 1} {server.name}: {measured[server.name]}", flush=True)
+        rounds.append(measured)
     return rounds
 
 
-def main_report(rounds: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> int:
-    print("\n" + report(rounds, args))
-    if args.json:
-        Path(args.json).write_bytes(orjson.dumps(rounds, option=orjson.OPT_INDENT_2))
-    failed = any(r[s]["completed"] < args.streams for r in rounds for s in r)
-    return 1 if failed else 0
+#: What the variant benchmarks (auth, metrics, shared log) report.
+OVERHEAD_ROWS = (
+    ("TTFT added, p50 (ms)", "ttft_added_p50_ms"),
+    ("TTFT added, p99 (ms)", "ttft_added_p99_ms"),
+    ("server CPU per 1,000 tokens (ms)", "cpu_ms_per_1k_tokens"),
+    ("streams completed", "completed"),
+)
+
+
+def variants_table(
+    rounds: Rounds,
+    args: argparse.Namespace,
+    names: Sequence[str],
+    rows: Sequence[tuple[str, str]] = OVERHEAD_ROWS,
+    digits: int = 2,
+    note: str = "",
+) -> str:
+    """Medians over rounds, one column per variant, then each against the first."""
+    first, others = names[0], names[1:]
+    lines = [
+        f"{args.streams} SSE streams × {args.max_tokens} tokens at {args.tokens_per_second:g} "
+        f"tokens/s; median of {len(rounds)} round(s){note}",
+        "",
+        "| | " + " | ".join([*names, *(f"{name} vs {first}" for name in others)]) + " |",
+        "|---|" + "---:|" * (2 * len(names) - 1),
+    ]
+    for label, key in rows:
+        values = [statistics.median(r[name][key] for r in rounds) for name in names]
+        versus = [f"× {v / values[0]:.{digits}f}" if values[0] > 0 else "" for v in values[1:]]
+        lines.append("| " + " | ".join([label, *(f"{v:.1f}" for v in values), *versus]) + " |")
+    return "\n".join(lines)
+
+
+def exit_status(rounds: Rounds, args: argparse.Namespace) -> int:
+    """1 if any stream of any round lost a token or failed."""
+    return int(any(r[s]["completed"] < args.streams for r in rounds for s in r))
+
+
+async def run_rounds(args: argparse.Namespace) -> Rounds:
+    async with servers_in_workdir() as (servers, workdir):
+        baseline_port = free_port()
+        baseline = [
+            *(sys.executable, "-m", "bench.baseline_server", "--port", str(baseline_port)),
+            *("--tokens-per-second", str(args.tokens_per_second)),
+            *("--first-token-ms", str(args.first_token_ms)),
+        ]
+        servers.append(await start_process("baseline", baseline, baseline_port))
+        config = gateway_config(free_port(), args)
+        servers.append(await start_gateway("gateway", config, workdir))
+        return await compare(servers, args)
 
 
 def load_parser(description: str) -> argparse.ArgumentParser:
@@ -271,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = load_parser(__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write every round's raw figures here")
     args = parse_load_args(parser, argv)
-    return main_report(asyncio.run(run_rounds(args)), args)
+    rounds = asyncio.run(run_rounds(args))
+    print("\n" + report(rounds, args))
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(rounds, option=orjson.OPT_INDENT_2))
+    return exit_status(rounds, args)
 
 
 if __name__ == "__main__":

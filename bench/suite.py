@@ -4,9 +4,10 @@
     python -m bench.suite --quick         # shorter runs, 1 round (about 2 minutes)
     python -m bench.suite --only S1,S4 --json /tmp/suite.json
 
-Three kinds of process: `bench.fast_upstream` (OpenAI's chunk format,
-pre-encoded), `gateway serve` with one `openai` model per pacing pointed at
-it, and a `bench.streamgen` load generator per run. Every scenario runs the
+Three kinds of process: the fake upstream `tests.fake_upstream` (OpenAI's
+chunk format, pre-encoded on its fast path), `gateway serve` with one
+`openai` model per pacing pointed at it, and a `bench.loadgen` load
+generator per run. Every scenario runs the
 same load (a) straight to the upstream and (b) through the gateway on each
 transport, alternating within each round; the table gives medians over rounds
 and the ratio or difference against (a) in the same run, since the machine is
@@ -34,7 +35,7 @@ import psutil
 
 from bench.sse_streams import NO_LIMITS, free_port, gateway_process, wait_ready
 
-#: Gateway model name = the upstream's pacing (see bench/fast_upstream.py).
+#: Gateway model name = the upstream's pacing (see `pacing` in tests/fake_upstream.py).
 MODELS = ("fast", "paced-20", "paced-1000")
 TRANSPORTS = ("openai", "sse", "chunked", "ws")
 #: `--transports` narrows S1 and S3 (while profiling one path).
@@ -83,7 +84,9 @@ def gateway_config(port: int, upstream: str, resume_grace_s: float = 10) -> dict
     ]
     return {
         "server": {"host": "127.0.0.1", "port": port},
-        "streams": {"resume_grace_s": resume_grace_s},
+        # Every load-generator socket is one anonymous principal: lift the
+        # per-principal WebSocket cap so S3 measures throughput, not the cap.
+        "streams": {"resume_grace_s": resume_grace_s, "max_sockets_per_principal": 0},
         "models": models,
         "auth": {"anonymous": True},
         "rate_limit": {"default": NO_LIMITS},
@@ -118,8 +121,8 @@ class RssSampler:
 
 
 async def load(watched: Proc, url: str, transport: str, model: str, **options: Any) -> dict:
-    """One streamgen run against `url`; CPU and RSS are `watched`'s."""
-    args = [sys.executable, "-m", "bench.streamgen", "--url", url]
+    """One loadgen run against `url`; CPU and RSS are `watched`'s."""
+    args = [sys.executable, "-m", "bench.loadgen", "--url", url]
     args += ["--transport", transport, "--model", model]
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
@@ -132,7 +135,7 @@ async def load(watched: Proc, url: str, transport: str, model: str, **options: A
     out, err = await generator.communicate()
     await rss.stop()
     if generator.returncode != 0:
-        raise RuntimeError(f"streamgen failed: {err.decode()[-2000:]}")
+        raise RuntimeError(f"loadgen failed: {err.decode()[-2000:]}")
     summary = orjson.loads(out)
     summary["cpu_s"] = sum(ps.cpu_times()[:2]) - cpu_before
     summary["rss_before"] = rss.before
@@ -346,7 +349,7 @@ async def run_suite(args: argparse.Namespace) -> list[Runs]:
     upstream_port = free_port()
     up = Proc(
         f"http://127.0.0.1:{upstream_port}",
-        await start(sys.executable, "-m", "bench.fast_upstream", "--port", str(upstream_port)),
+        await start(sys.executable, "-m", "tests.fake_upstream", "--port", str(upstream_port)),
     )
     try:
         async with contextlib.AsyncExitStack() as stack:

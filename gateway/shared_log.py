@@ -53,6 +53,8 @@ CONTROL_CONNECTIONS = 32
 #: Connections for followers' blocking reads; more followers wait their turn.
 READ_CONNECTIONS = 128
 _MAX_PENDING_EVENTS = 100_000
+#: How long closing waits for a background task to stop, twice at most.
+_STOP_WAIT_S = 1.0
 _LOG_EVERY_S = 30.0
 
 
@@ -103,6 +105,7 @@ class SharedLog:
         self._new: list[Generation] = []
         self._urgent = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._background: set[asyncio.Task[Any]] = set()
         self._logged_at = -_LOG_EVERY_S
         self.errors = 0
@@ -141,10 +144,17 @@ class SharedLog:
         ]
 
     async def aclose(self) -> None:
-        """Flush what is pending (terminal events of a drain), then stop."""
+        """Flush what is pending (terminal events of a drain), then stop.
+
+        Never waits on a task for long: redis-py's pub/sub reader can swallow a
+        cancellation (seen when the app stopped while the listener was still
+        subscribing), so the listener also stops on `_closing`, and closing the
+        pools (in-use connections included) breaks any read still pending.
+        """
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._tasks, timeout=_STOP_WAIT_S)
         try:
             async with asyncio.timeout(2):
                 await self._flush()
@@ -152,7 +162,13 @@ class SharedLog:
             self.note_failure("final flush", exc)
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
         await self._readers.aclose()
+        await self._readers.connection_pool.disconnect()
+        if stuck:
+            _, stuck = await asyncio.wait(stuck, timeout=_STOP_WAIT_S)
+            for task in stuck:
+                log.warning("shared log task did not stop", extra={"task": task.get_name()})
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -294,7 +310,7 @@ class SharedLog:
                 self.note_failure("lease refresh", exc)
 
     async def _listen_for_cancels(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 try:

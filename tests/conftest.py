@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Settings
-from tests.fake_upstream import fake_upstream, start_fake_upstream  # noqa: F401 (fixtures)
+from tests.fake_upstream import FakeUpstream, StartFakeUpstream
 from tests.redis_server import RedisProcess
 
 #: Fast defaults for tests; each test overrides what it exercises.
@@ -64,6 +64,22 @@ def start_gateway(aiohttp_server: Any) -> StartGateway:
     async def start(settings: Settings | None = None, **sections: Any) -> TestServer:
         app: web.Application = create_app(settings or make_settings(**sections))
         return await aiohttp_server(app)
+
+    return start
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
+    """A started fake upstream; `fake_upstream.base_url` is `http://127.0.0.1:PORT/v1`."""
+    return await FakeUpstream().start(aiohttp_server)
+
+
+@pytest.fixture
+def start_fake_upstream(aiohttp_server: Any) -> StartFakeUpstream:
+    """Start another fake upstream (a fallback, say)."""
+
+    async def start() -> FakeUpstream:
+        return await FakeUpstream().start(aiohttp_server)
 
     return start
 

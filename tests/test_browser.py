@@ -4,7 +4,7 @@ One gateway process (the repository's config.yaml, models replaced by env
 overrides) serves four models: `sim-1` (simulated, 50 tokens/s), `sim-fail`
 (simulated, an upstream error after 12 tokens), `sim-agent` (simulated, thinks
 16 tokens, then calls the tools the user's message mentions) and `fake-html`
-(an OpenAI upstream, `tests/fake_openai.py`, whose tokens are HTML). The page
+(an OpenAI upstream, `tests/fake_upstream.py`, whose tokens are HTML). The page
 is loaded from the gateway, or, for the drop tests, through a TCP proxy in
 this test that can cut every connection at once.
 """
@@ -31,7 +31,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_binary
-from tests.fake_openai import FakeOpenAI
+from tests.fake_upstream import FakeUpstream
 from tests.helpers import read_ndjson, text_of
 from tests.test_serve import free_port, start_process
 
@@ -139,7 +139,7 @@ async def _drain(stream: asyncio.StreamReader | None) -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def upstream() -> AsyncIterator[str]:
-    fake = FakeOpenAI(tokens=HTML_TOKENS, token_delay_s=0.03, record=False)
+    fake = FakeUpstream(tokens=HTML_TOKENS, token_delay_s=0.03, record=False)
     runner = web.AppRunner(fake.app())
     await runner.setup()
     port = free_port()

@@ -11,18 +11,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
+from tests.auth_helpers import key_config
 from tests.gateway_process import NO_LIMITS, GatewayProcess, start_gateway_process
-from tests.test_serve import free_port
+from tests.helpers import bearer, fetch, preflight, raw_exchange, ws_exchange, ws_refusal
+from tests.redis_server import free_port
 
 MODEL = {"name": "sim-1", "provider": "simulated", "first_token_ms": 5, "tokens_per_second": 2000}
 BODY = {"prompt": "Tell me about caching.", "max_tokens": 5, "seed": 1}
@@ -54,34 +53,7 @@ async def start_gateway(tmp_path: Path) -> AsyncIterator[StartGateway]:
         await gateway.stop()
 
 
-async def request(
-    gateway: GatewayProcess,
-    method: str,
-    path: str,
-    headers: dict[str, str],
-    body: dict[str, Any] | None = None,
-) -> tuple[int, Any, bytes]:
-    async with aiohttp.ClientSession() as session:
-        async with session.request(
-            method, f"{gateway.url}{path}", headers=headers, json=body
-        ) as response:
-            return response.status, response.headers, await response.read()
-
-
-async def ws_generate(
-    gateway: GatewayProcess, headers: dict[str, str], query: str = ""
-) -> list[dict[str, Any]]:
-    """One generation over a WebSocket: every frame up to the terminal one."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(f"{gateway.url}/v1/stream/ws{query}", headers=headers) as ws,
-    ):
-        await ws.send_json({"type": "generate", "request_id": "r", **BODY})
-        frames = []
-        while True:
-            frames.append(await ws.receive_json(timeout=5))
-            if frames[-1]["type"] in {"done", "error"}:
-                return frames
+GENERATE = {"type": "generate", "request_id": "r", **BODY}
 
 
 def assert_refused_host(status: int, headers: Any, raw: bytes, what: str) -> None:
@@ -139,52 +111,42 @@ async def test_an_anonymous_gateway_answers_only_loopback_names(
         host = template.format(port=gateway.port)
         page = {"Host": host, "Origin": f"http://{host}"}
         for method, path, body, _ in ROUTES:
-            status, headers, raw = await request(gateway, method, path, page, body)
+            status, headers, raw = await fetch(gateway, method, path, headers=page, body=body)
             assert_refused_host(status, headers, raw, f"{host} {method} {path}")
         # The preflight of a cross-origin call, too.
-        preflight = {**page, "Access-Control-Request-Method": "POST"}
-        status, headers, raw = await request(gateway, "OPTIONS", "/v1/stream/chunked", preflight)
+        asked = {**page, "Access-Control-Request-Method": "POST"}
+        status, headers, raw = await fetch(gateway, "OPTIONS", "/v1/stream/chunked", headers=asked)
         assert_refused_host(status, headers, raw, f"{host} OPTIONS")
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await ws_generate(gateway, page)
-        assert refused.value.status == 403, host
+        assert await ws_refusal(gateway, headers=page) == 403, host
         # Probes answer whatever the Host (a kubelet probes by IP).
         for probe in ("/healthz", "/readyz", "/metrics"):
-            status, _, raw = await request(gateway, "GET", probe, {"Host": host})
+            status, _, raw = await fetch(gateway, "GET", probe, headers={"Host": host})
             assert status == 200, (host, probe, raw[:200])
 
     for template in LOOPBACK_HOSTS:
         host = template.format(port=gateway.port)
         page = {"Host": host, "Origin": f"http://{host}"}
         for method, path, body, expected in ROUTES:
-            status, _, raw = await request(gateway, method, path, page, body)
+            status, _, raw = await fetch(gateway, method, path, headers=page, body=body)
             assert status == expected, (host, method, path, raw[:300])
-        frames = await ws_generate(gateway, page)
+        frames = await ws_exchange(gateway, GENERATE, headers=page)
         assert frames[-1]["type"] == "done", host
     # No Host at all (HTTP/1.0) is no browser: judged as before.
-    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    writer.write(b"GET /v1/models HTTP/1.0\r\n\r\n")
-    response = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
+    response = await raw_exchange(gateway.host, gateway.port, b"GET /v1/models HTTP/1.0\r\n\r\n", 5)
     assert response.startswith(b"HTTP/1.0 200") or response.startswith(b"HTTP/1.1 200"), response
 
 
 async def test_a_gateway_with_credentials_answers_any_host(start_gateway: StartGateway) -> None:
     """Not anonymous (as in Kubernetes, behind a Service or an ingress): every name works,
     and the credential is what is judged."""
-    key = {"id": "web", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}
-    gateway = await start_gateway(auth={"anonymous": False, "api_keys": [key]})
+    gateway = await start_gateway(auth={"anonymous": False, "api_keys": [key_config("web", KEY)]})
     for host in ("gateway.internal", "gateway.example.com:8443", "10.1.2.3:8080"):
         page = {"Host": host, "Origin": f"https://{host}"}
-        status, _, raw = await request(
-            gateway,
-            "POST",
-            "/v1/stream/chunked",
-            {**page, "Authorization": f"Bearer {KEY}"},
-            BODY,
+        status, _, raw = await fetch(
+            gateway, "POST", "/v1/stream/chunked", headers={**page, **bearer(KEY)}, body=BODY
         )
         assert status == 200, (host, raw[:300])
-        status, _, _ = await request(gateway, "POST", "/v1/stream/chunked", page, BODY)
+        status, _, _ = await fetch(gateway, "POST", "/v1/stream/chunked", headers=page, body=BODY)
         assert status == 401, host
 
 
@@ -192,28 +154,24 @@ async def test_a_gateway_with_credentials_answers_any_host(start_gateway: StartG
 
 
 async def test_any_origin_never_gets_credentials(start_gateway: StartGateway) -> None:
-    key = {"id": "web", "sha256": hashlib.sha256(KEY.encode()).hexdigest()}
     gateway = await start_gateway(
         server={"allowed_origins": ["*", LISTED]},
-        auth={"anonymous": False, "api_keys": [key], "cookie": COOKIE},
+        auth={"anonymous": False, "api_keys": [key_config("web", KEY)], "cookie": COOKIE},
     )
-    bearer = {"Authorization": f"Bearer {KEY}"}
+    authorization = bearer(KEY)
     cookie = {"Cookie": f"{COOKIE}={KEY}"}
     own = gateway.url
 
     # Any origin: CORS without credentials, preflight included.
-    preflight = {
-        "Origin": ANY,
-        "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type",
-    }
-    status, headers, _ = await request(gateway, "OPTIONS", "/v1/stream/chunked", preflight)
+    status, headers, _ = await fetch(
+        gateway, "OPTIONS", "/v1/stream/chunked", headers=preflight(ANY)
+    )
     assert status == 204
     assert headers["Access-Control-Allow-Origin"] == "*"
     assert "Access-Control-Allow-Credentials" not in headers
     assert "Authorization" in headers["Access-Control-Allow-Headers"]
-    status, headers, raw = await request(
-        gateway, "POST", "/v1/stream/chunked", {"Origin": ANY, **bearer}, BODY
+    status, headers, raw = await fetch(
+        gateway, "POST", "/v1/stream/chunked", headers={"Origin": ANY, **authorization}, body=BODY
     )
     assert status == 200, raw
     assert headers["Access-Control-Allow-Origin"] == "*"
@@ -222,34 +180,34 @@ async def test_any_origin_never_gets_credentials(start_gateway: StartGateway) ->
     assert "Origin" in headers["Vary"]
     # The visitor's cookie is not the page's credential: a simple POST and a
     # WebSocket carry it whatever CORS says, so it is not read at all.
-    status, headers, raw = await request(
-        gateway, "POST", "/v1/stream/chunked", {"Origin": ANY, **cookie}, BODY
+    status, headers, raw = await fetch(
+        gateway, "POST", "/v1/stream/chunked", headers={"Origin": ANY, **cookie}, body=BODY
     )
     assert status == 401, raw
     assert "Access-Control-Allow-Credentials" not in headers
-    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-        await ws_generate(gateway, {"Origin": ANY, **cookie})
-    assert refused.value.status == 401
+    assert await ws_refusal(gateway, headers={"Origin": ANY, **cookie}) == 401
     # Its own credential works: a ticket its backend minted, on the WebSocket.
-    status, _, raw = await request(gateway, "POST", "/v1/tickets", bearer, {})
+    status, _, raw = await fetch(gateway, "POST", "/v1/tickets", headers=authorization, body={})
     assert status == 201, raw
     ticket = orjson.loads(raw)["ticket"]
-    frames = await ws_generate(gateway, {"Origin": ANY}, f"?access_token={ticket}")
+    frames = await ws_exchange(
+        gateway, GENERATE, headers={"Origin": ANY}, query={"access_token": ticket}
+    )
     assert frames[-1]["type"] == "done"
 
     # A listed origin and our own keep credentials, and the cookie.
     for origin in (LISTED, own):
-        status, headers, _ = await request(
-            gateway, "OPTIONS", "/v1/stream/chunked", {**preflight, "Origin": origin}
+        status, headers, _ = await fetch(
+            gateway, "OPTIONS", "/v1/stream/chunked", headers=preflight(origin)
         )
         assert status == 204, origin
         assert headers["Access-Control-Allow-Origin"] == origin
         assert headers["Access-Control-Allow-Credentials"] == "true"
-        status, headers, raw = await request(
-            gateway, "POST", "/v1/stream/chunked", {"Origin": origin, **cookie}, BODY
+        status, headers, raw = await fetch(
+            gateway, "POST", "/v1/stream/chunked", headers={"Origin": origin, **cookie}, body=BODY
         )
         assert status == 200, (origin, raw)
         assert headers["Access-Control-Allow-Origin"] == origin
         assert headers["Access-Control-Allow-Credentials"] == "true"
-        frames = await ws_generate(gateway, {"Origin": origin, **cookie})
+        frames = await ws_exchange(gateway, GENERATE, headers={"Origin": origin, **cookie})
         assert frames[-1]["type"] == "done", origin

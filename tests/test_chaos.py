@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,15 +19,13 @@ import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway_process import NO_LIMITS, GatewayProcess, start_gateway_process
-from tests.helpers import read_ndjson, read_sse, text_of
-from tests.test_serve import free_port
+from tests.helpers import Events, read_sse_frames, scrape_value, stream, text_of
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKENS = ["Alpha ", "beta ", "gamma ", "delta ", "epsilon"]
 HUGE = "x" * (1 << 20)
 
@@ -149,49 +146,30 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gat
     await upstream.cleanup()
 
 
-async def events_over(
-    session: aiohttp.ClientSession, url: str, transport: str, model: str
-) -> tuple[int, list[dict[str, Any]]]:
+async def events_over(url: str, transport: str, model: str) -> tuple[int, Events]:
     """(HTTP status, events) of one stream; OpenAI chunks are mapped onto our event types."""
-    body = {"model": model, "prompt": "chaos", "max_tokens": 50}
-    if transport == "ws":
-        async with session.ws_connect(f"{url}/v1/stream/ws") as ws:
-            await ws.send_json({"type": "generate", "request_id": "c", **body})
-            events = []
-            while not events or events[-1]["type"] not in {"done", "error"}:
-                events.append(await ws.receive_json(timeout=10))
-            return 101, events
-    if transport == "openai":
-        chat = {"model": model, "messages": [{"role": "user", "content": "chaos"}], "stream": True}
+    if transport != "openai":
+        body = {"model": model, "prompt": "chaos", "max_tokens": 50}
+        streamed = await stream(url, transport, body)
+        return streamed.status, streamed.events
+    chat = {"model": model, "messages": [{"role": "user", "content": "chaos"}], "stream": True}
+    async with aiohttp.ClientSession() as session:
         async with session.post(f"{url}/v1/chat/completions", json=chat) as response:
             if response.status != 200:
                 error = (await response.json())["error"]
                 return response.status, [{"type": "error", "code": error["code"]}]
-            frames, _ = await read_sse_raw(response)
-        events: list[dict[str, Any]] = []
-        for data in frames:
-            if data == "[DONE]":
-                events.append({"type": "done"})
-            elif "error" in (chunk := orjson.loads(data)):
-                events.append({"type": "error", "code": chunk["error"]["code"]})
-            else:
-                for choice in chunk["choices"]:
-                    if choice["delta"].get("content"):
-                        events.append({"type": "token", "text": choice["delta"]["content"]})
-        return 200, events
-    async with session.post(f"{url}/v1/stream/{transport}", json=body) as response:
-        if transport == "sse":
-            return response.status, (await read_sse(response))[0]
-        return response.status, await read_ndjson(response)
-
-
-async def read_sse_raw(response: aiohttp.ClientResponse) -> tuple[list[str], None]:
-    from tests.sse_parser import SseParser
-
-    parser = SseParser()
-    async for chunk in response.content.iter_any():
-        parser.feed(chunk)
-    return [event.data for event in parser.events], None
+            frames = (await read_sse_frames(response)).events
+    events: Events = []
+    for data in (frame.data for frame in frames):
+        if data == "[DONE]":
+            events.append({"type": "done"})
+        elif "error" in (chunk := orjson.loads(data)):
+            events.append({"type": "error", "code": chunk["error"]["code"]})
+        else:
+            for choice in chunk["choices"]:
+                if choice["delta"].get("content"):
+                    events.append({"type": "token", "text": choice["delta"]["content"]})
+    return 200, events
 
 
 @pytest.mark.parametrize("transport", ["chunked", "sse", "ws", "openai"])
@@ -200,8 +178,8 @@ async def test_every_fault_ends_in_the_right_terminal_event(
     gateway: GatewayProcess, fault: str, transport: str
 ) -> None:
     expected = FAULTS[fault]
-    async with aiohttp.ClientSession() as session, asyncio.timeout(15):
-        status, events = await events_over(session, gateway.url, transport, fault)
+    async with asyncio.timeout(15):
+        status, events = await events_over(gateway.url, transport, fault)
     terminal = events[-1]
     if transport == "openai" and expected.http_status is not None:
         assert status == expected.http_status, events
@@ -218,15 +196,6 @@ async def test_every_fault_ends_in_the_right_terminal_event(
         assert text_of(events) == "".join(TOKENS)
 
 
-def metric(scrape: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(scrape):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 async def test_the_process_survived_and_counted_every_fault(gateway: GatewayProcess) -> None:
     """Runs after the parametrized cases (same module, same gateway)."""
     async with aiohttp.ClientSession() as session:
@@ -235,14 +204,14 @@ async def test_the_process_survived_and_counted_every_fault(gateway: GatewayProc
         async with session.get(f"{gateway.url}/readyz") as response:
             assert response.status == 200
     assert gateway.process.returncode is None
-    assert metric(scrape, "gateway_streams_active") == 0
+    assert scrape_value(scrape, "gateway_streams_active") == 0
     transports = 4
     failing = sum(1 for e in FAULTS.values() if e.terminal == "error")
-    upstream_errors = metric(scrape, "gateway_streams_total", outcome="upstream_error")
-    timeouts = metric(scrape, "gateway_streams_total", outcome="timeout")
+    upstream_errors = scrape_value(scrape, "gateway_streams_total", outcome="upstream_error")
+    timeouts = scrape_value(scrape, "gateway_streams_total", outcome="timeout")
     assert upstream_errors + timeouts == failing * transports
-    assert metric(scrape, "gateway_streams_total", outcome="completed") == 2 * transports
+    assert scrape_value(scrape, "gateway_streams_total", outcome="completed") == 2 * transports
     for status in ("500", "503", "429", "connect_error", "timeout", "stream_error"):
-        assert metric(scrape, "gateway_upstream_requests_total", status=status) >= transports
+        assert scrape_value(scrape, "gateway_upstream_requests_total", status=status) >= transports
     text = gateway.log_text()
     assert "Traceback" not in text and "Unhandled" not in text, text[-3000:]

@@ -9,22 +9,18 @@ import aiohttp
 import orjson
 
 from gateway.keys import registry_key
-from tests.conftest import StartGateway
-from tests.helpers import assert_well_formed, read_ndjson, text_of
+from tests.conftest import FAST_MODEL, StartGateway
+from tests.helpers import assert_well_formed, ndjson_events, raw_exchange, stream, text_of
 
 BODY = {"prompt": "Explain vector databases.", "max_tokens": 40, "seed": 7}
 
 
 async def test_streams_a_whole_generation(start_gateway: StartGateway) -> None:
-    server = await start_gateway()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/chunked"), json=BODY) as response:
-            assert response.status == 200
-            assert response.headers["Content-Type"] == "application/x-ndjson"
-            assert response.headers["X-Accel-Buffering"] == "no"
-            assert response.headers["Transfer-Encoding"] == "chunked"
-            assert response.headers["X-Request-ID"]
-            events = await read_ndjson(response)
+    streamed = await stream(await start_gateway(), "chunked", BODY)
+    unbuffered = {"Content-Type": "application/x-ndjson", "X-Accel-Buffering": "no"}
+    assert streamed.status == 200 and unbuffered.items() <= streamed.headers.items(), streamed
+    assert streamed.headers["Transfer-Encoding"] == "chunked" and streamed.headers["X-Request-ID"]
+    events = streamed.events
     assert_well_formed(events)
     start, done = events[0], events[-1]
     assert start["type"] == "start" and start["model"] == "sim-1"
@@ -36,12 +32,10 @@ async def test_streams_a_whole_generation(start_gateway: StartGateway) -> None:
 
 async def test_same_seed_same_text(start_gateway: StartGateway) -> None:
     server = await start_gateway()
-    texts = []
-    async with aiohttp.ClientSession() as session:
-        for seed in (7, 7, 8):
-            body = {**BODY, "seed": seed}
-            async with session.post(server.make_url("/v1/stream/chunked"), json=body) as response:
-                texts.append(text_of(await read_ndjson(response)))
+    texts = [
+        text_of((await stream(server, "chunked", {**BODY, "seed": seed})).events)
+        for seed in (7, 7, 8)
+    ]
     assert texts[0] == texts[1] != texts[2]
 
 
@@ -64,18 +58,10 @@ async def test_tokens_arrive_as_they_are_generated(start_gateway: StartGateway) 
 
 
 async def test_upstream_failure_mid_stream_is_an_error_event(start_gateway: StartGateway) -> None:
-    model = {
-        "name": "sim-1",
-        "provider": "simulated",
-        "tokens_per_second": 1000,
-        "first_token_ms": 0,
-        "fail_after_tokens": 5,
-    }
-    server = await start_gateway(models=[model])
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/chunked"), json=BODY) as response:
-            assert response.status == 200
-            events = await read_ndjson(response)
+    model = {**FAST_MODEL, "tokens_per_second": 1000, "first_token_ms": 0, "fail_after_tokens": 5}
+    streamed = await stream(await start_gateway(models=[model]), "chunked", BODY)
+    assert streamed.status == 200
+    events = streamed.events
     assert_well_formed(events)
     assert [e["type"] for e in events].count("token") == 5
     assert events[-1]["type"] == "error"
@@ -106,9 +92,7 @@ async def test_blank_line_heartbeats_while_waiting_for_the_first_token(
 
 async def test_finished_generation_is_kept_for_resume(start_gateway: StartGateway) -> None:
     server = await start_gateway(streams={"retention_s": 30})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/chunked"), json=BODY) as response:
-            events = await read_ndjson(response)
+    events = (await stream(server, "chunked", BODY)).events
     registry = server.app[registry_key]
     generation = registry.get(events[0]["generation_id"], "anonymous")
     assert generation.finished and len(generation.events) == len(events)
@@ -121,20 +105,17 @@ async def test_an_http_1_0_client_gets_the_same_stream_unchunked(
     written straight from the generation's task must not be chunk-framed then."""
     model = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 400}
     server = await start_gateway(models=[model])
-    body = orjson.dumps({**BODY, "max_tokens": 30})
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/chunked"), data=body) as response:
-            reference = text_of(await read_ndjson(response))
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(
+    body = {**BODY, "max_tokens": 30}
+    reference = text_of((await stream(server, "chunked", body)).events)
+    payload = orjson.dumps(body)
+    request = (
         b"POST /v1/stream/chunked HTTP/1.0\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload)
     )
-    raw = await asyncio.wait_for(reader.read(-1), 10)  # to EOF
-    writer.close()
-    head, _, payload = raw.partition(b"\r\n\r\n")
+    raw = await raw_exchange(server.host, server.port, request)  # to EOF
+    head, _, answer = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
     assert b"transfer-encoding" not in head.lower()
-    events = [orjson.loads(line) for line in payload.splitlines() if line.strip()]
+    events = ndjson_events(answer)
     assert_well_formed(events)
     assert text_of(events) == reference

@@ -1,34 +1,21 @@
 """deploy/Dockerfile and deploy/kubernetes: the image's rules, the rendered manifests
 against the Kubernetes API schemas, and the invariants that tie them to the gateway.
 
-Neither docker, kubectl nor kustomize runs here. The Dockerfile is parsed; the
-kustomizations are rendered by `render` below, a small subset of kustomize
-(resources, configMapGenerator with kustomize's name hash, namespace, images and
-strategic-merge `patches`). It refuses a kustomization field it does not
-implement, so a new field cannot be silently ignored. The ServiceMonitor is a
-CRD without a bundled schema: it is checked structurally. The NetworkPolicies are
-evaluated by `allowed` below (Kubernetes' additive semantics) against concrete peers.
-The image's dependencies come from deploy/requirements.lock, checked against
+Neither docker, kubectl nor kustomize runs here: tests/kube_tooling.py parses the
+Dockerfile, renders the kustomizations and evaluates the NetworkPolicies. The
+ServiceMonitor is a CRD without a bundled schema: it is checked structurally. The
+image's dependencies come from deploy/requirements.lock, checked against
 pyproject.toml so that a new dependency fails here until it is re-locked.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import fnmatch
-import functools
-import hashlib
 import ipaddress
 import itertools
-import json
 import re
-import shlex
-import sys
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -37,100 +24,56 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from yarl import URL
 
-from gateway import cli
-from gateway.config import Settings, load_settings
 from gateway.drain import CLOSE_BUDGET_S
 from gateway.server import FINAL_SHUTDOWN_S
 from tests.conftest import StartGateway
-
-ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-DOCKERIGNORE = ROOT / "deploy" / "Dockerfile.dockerignore"
-LOCK = ROOT / "deploy" / "requirements.lock"
-KUBERNETES = ROOT / "deploy" / "kubernetes"
-BASE = KUBERNETES / "base"
-PRODUCTION = KUBERNETES / "overlays" / "production"
-SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "kubernetes-scrape.yml"
-KUSTOMIZATIONS = {"base": BASE, "production": PRODUCTION}
+from tests.kube_tooling import (
+    BASE,
+    DOCKERIGNORE,
+    FAKE_SECRETS,
+    KUSTOMIZATIONS,
+    LOCK,
+    PRODUCTION,
+    ROOT,
+    SCRAPE_CONFIG,
+    Docs,
+    Peer,
+    all_containers,
+    allowed,
+    configmap_hash,
+    container_port,
+    dockerfile,
+    dockerfile_user,
+    dockerignored,
+    effective_settings,
+    exec_form,
+    installed_packages,
+    main_container,
+    namespace_of,
+    one,
+    parse_cli,
+    parse_lock,
+    peer_matches,
+    pod,
+    pod_labels,
+    pod_spec,
+    prestop_seconds,
+    quantity,
+    relabel,
+    render,
+    run_healthcheck,
+    selects,
+    served_config,
+)
 
 #: The oldest Kubernetes the manifests target, and a newer one (schemas bundled offline).
 K8S_VERSIONS = ("1.30.0", "1.34.0")
 #: Seconds kept between the end of the drain and SIGKILL.
 MARGIN_S = 5
-#: Stand-ins for the Secret's values (the real ones are never committed).
-FAKE_SECRETS = {
-    "OPENAI_API_KEY": "sk-test",
-    "FRONTEND_API_KEY_SHA256": hashlib.sha256(b"gw_test").hexdigest(),
-    "TICKET_SECRET": "t" * 43,
-    "REDIS_URL": "redis://:pw@redis.test:6379/1",
-}
 BUILD_TOOLS = {"gcc", "g++", "cc", "clang", "make", "cmake", "build-essential", "git", "rustc"}
 
 
-# --- the Dockerfile ---------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    image: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [rest for kw, rest in self.instructions if kw == keyword]
-
-    def last(self, keyword: str) -> str:
-        found = self.all(keyword)
-        assert found, f"no {keyword} in the stage FROM {self.image}"
-        return found[-1]
-
-    def env(self) -> dict[str, str]:
-        pairs = [item.split("=", 1) for rest in self.all("ENV") for item in shlex.split(rest)]
-        return dict(pairs)
-
-
-def parse_dockerfile(text: str) -> list[Stage]:
-    """Instructions (continuations joined, comments dropped) grouped into stages."""
-    instructions: list[tuple[str, str]] = []
-    current = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        keyword, _, rest = (current + line).partition(" ")
-        instructions.append((keyword.upper(), " ".join(rest.split())))
-        current = ""
-    assert not current, "the Dockerfile ends inside a line continuation"
-
-    global_args: dict[str, str] = {}
-    stages: list[Stage] = []
-    for keyword, rest in instructions:
-        if keyword == "FROM":
-            words = [w for w in rest.split() if not w.startswith("--")]
-            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args[m[1] or m[2]], words[0])
-            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
-            stages.append(Stage(image, name))
-        elif not stages:
-            assert keyword == "ARG", f"{keyword} before the first FROM"
-            key, _, default = rest.partition("=")
-            global_args[key] = default
-        else:
-            stages[-1].instructions.append((keyword, rest))
-    return stages
-
-
-@functools.cache
-def dockerfile() -> tuple[Stage, ...]:
-    return tuple(parse_dockerfile(DOCKERFILE.read_text()))
-
-
-def exec_form(rest: str) -> list[str]:
-    argv = json.loads(rest)
-    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), rest
-    return argv
+# --- the Dockerfile -------------------------------------------------------------------
 
 
 def test_dockerfile_has_a_builder_and_a_pinned_slim_final_stage() -> None:
@@ -152,17 +95,6 @@ def test_the_builder_installs_the_project_into_opt_venv() -> None:
     assert re.search(r"pip install (--[\w-]+ )*\.( |$)", runs), "the project is not installed"
 
 
-def installed_packages(run: str) -> set[str]:
-    packages: set[str] = set()
-    for command in re.split(r"&&|;|\|\|", run):
-        words = command.split()
-        for manager, verb in (("apt-get", "install"), ("apt", "install"), ("apk", "add")):
-            if manager in words and verb in words:
-                after = words[words.index(verb) + 1 :]
-                packages |= {w.split("=")[0] for w in after if not w.startswith("-")}
-    return packages
-
-
 def test_the_final_stage_copies_the_venv_and_installs_no_build_tools() -> None:
     final = dockerfile()[-1]
     assert "--from=builder /opt/venv /opt/venv" in final.all("COPY")
@@ -177,23 +109,11 @@ def test_the_final_stage_copies_the_venv_and_installs_no_build_tools() -> None:
     assert env["PATH"].split(":")[0] == "/opt/venv/bin"
 
 
-def dockerfile_user() -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+):(\d+)", dockerfile()[-1].last("USER"))
-    assert match, "USER must be numeric uid:gid so runAsNonRoot can verify it"
-    return int(match[1]), int(match[2])
-
-
 def test_the_image_runs_as_a_numeric_non_root_user() -> None:
     uid, gid = dockerfile_user()
     assert uid >= 1000 and gid >= 1000
     runs = " ".join(dockerfile()[-1].all("RUN"))
     assert f"--uid {uid}" in runs and f"--gid {gid}" in runs, "the user has no passwd entry"
-
-
-def parse_cli(argv: list[str]) -> Any:
-    args = cli.build_parser().parse_args(argv)
-    assert args.func is cli.cmd_serve, argv
-    return args
 
 
 def test_entrypoint_and_cmd_are_the_real_cli() -> None:
@@ -204,21 +124,6 @@ def test_entrypoint_and_cmd_are_the_real_cli() -> None:
     assert parse_cli(exec_form(final.last("CMD"))).config == "/etc/gateway/config.yaml"
 
 
-def healthcheck_argv() -> list[str]:
-    match = re.fullmatch(r"((?:--\S+ )*)CMD (\[.*\])", dockerfile()[-1].last("HEALTHCHECK"))
-    assert match, "HEALTHCHECK must use the exec form"
-    argv = exec_form(match[2])
-    assert argv[:2] == ["python", "-c"] and "/healthz" in argv[2]
-    assert not {"curl", "wget"} & set(re.findall(r"\w+", argv[2]))
-    return argv
-
-
-async def run_healthcheck(port: int) -> int:
-    argv = [sys.executable, *healthcheck_argv()[1:]]
-    process = await asyncio.create_subprocess_exec(*argv, env={"GATEWAY__SERVER__PORT": str(port)})
-    return await asyncio.wait_for(process.wait(), 30)
-
-
 async def test_the_healthcheck_passes_on_a_live_gateway_and_fails_without_one(
     start_gateway: StartGateway,
 ) -> None:
@@ -226,20 +131,6 @@ async def test_the_healthcheck_passes_on_a_live_gateway_and_fails_without_one(
     assert await run_healthcheck(server.port) == 0
     await server.close()
     assert await run_healthcheck(server.port) != 0
-
-
-def dockerignored(path: str, patterns: list[str]) -> bool:
-    """Docker's rule: the last pattern that matches the path or a parent decides."""
-    parts = path.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    ignored = False
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        glob = pattern.lstrip("!").strip("/")
-        globs = [glob, glob[3:]] if glob.startswith("**/") else [glob]
-        if any(fnmatch.fnmatchcase(p, g) for p in prefixes for g in globs):
-            ignored = not negated
-    return ignored
 
 
 def test_the_dockerignore_sends_what_the_build_copies_and_nothing_local() -> None:
@@ -255,25 +146,6 @@ def test_the_dockerignore_sends_what_the_build_copies_and_nothing_local() -> Non
             assert not dockerignored(path, patterns), path
     for path in [".venv/bin/python", ".git/HEAD", "tests/conftest.py", "gateway/__pycache__/a.pyc"]:
         assert dockerignored(path, patterns), path
-
-
-def parse_lock(text: str) -> dict[str, tuple[str, list[str]]]:
-    """A pip-compile / `uv pip compile` lock: name -> (pinned version, sha256 hashes)."""
-    entries: dict[str, tuple[str, list[str]]] = {}
-    for line in re.sub(r"\\\n", " ", text).splitlines():
-        line = re.sub(r"(^|\s)#.*", "", line).strip()
-        if not line:
-            continue
-        words = line.split()
-        match = re.fullmatch(r"([A-Za-z0-9._-]+)(\[[^]]*\])?==([^;\s]+)", words[0])
-        assert match, f"not a `name==version` pin: {line}"
-        hashes = [w.removeprefix("--hash=sha256:") for w in words[1:] if w.startswith("--hash=")]
-        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), line
-        assert len(hashes) == len([w for w in words[1:] if w.startswith("--")]), line
-        name = canonicalize_name(match[1])
-        assert name not in entries, f"{name} pinned twice"
-        entries[name] = (match[3], hashes)
-    return entries
 
 
 def test_the_parser_reads_a_lock() -> None:
@@ -337,28 +209,7 @@ def test_every_dependency_is_pinned_with_hashes_in_the_lock() -> None:
     assert "--generate-hashes" in header and "pyproject.toml" in header
 
 
-# --- rendering the kustomizations -------------------------------------------------
-
-SUPPORTED = {"apiVersion", "kind", "resources", "configMapGenerator", "namespace", "images"}
-SUPPORTED |= {"patches", "generatorOptions"}
-CLUSTER_SCOPED = {"Namespace"}
-#: Strategic merge: these lists merge item by item on the key; all others are replaced.
-LIST_MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name"}
-
-
-def configmap_hash(name: str, data: dict[str, str]) -> str:
-    """kustomize's suffix: sha256 of the ConfigMap as Go's sorted JSON, first 10 hex
-    digits with 0, 1, 3, a, e mapped to g, h, k, m, t."""
-    encoded = json.dumps(
-        {"kind": "ConfigMap", "name": name, "data": data},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
-        encoded = encoded.replace(char, escape)  # Go's json escapes HTML characters
-    digest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
-    return digest.translate(str.maketrans("013ae", "ghkmt"))
+# --- the kustomizations ---------------------------------------------------------------
 
 
 def test_the_configmap_hash_is_kustomizes() -> None:
@@ -366,109 +217,6 @@ def test_the_configmap_hash_is_kustomizes() -> None:
     assert configmap_hash("", {}) == "42745tchd9"
     assert configmap_hash("", {"one": ""}) == "9g67k2htb6"
     assert configmap_hash("", {"two": "2", "one": "", "three": "3"}) == "f5h7t85m9b"
-
-
-def strategic_merge(target: Any, patch: Any) -> Any:
-    if isinstance(target, dict) and isinstance(patch, dict):
-        merged = dict(target)
-        for key, value in patch.items():
-            assert not key.startswith("$"), f"patch directive {key} is not implemented"
-            if value is None:
-                merged.pop(key, None)
-            elif key in LIST_MERGE_KEYS and isinstance(merged.get(key), list):
-                merge_key = LIST_MERGE_KEYS[key]
-                items = list(merged[key])
-                for item in value:
-                    names = [existing[merge_key] for existing in items]
-                    if item[merge_key] in names:
-                        index = names.index(item[merge_key])
-                        items[index] = strategic_merge(items[index], item)
-                    else:
-                        items.append(item)
-                merged[key] = items
-            else:
-                merged[key] = strategic_merge(merged.get(key), value)
-        return merged
-    return copy.deepcopy(patch)
-
-
-def pod_spec(doc: dict) -> dict | None:
-    return doc.get("spec", {}).get("template", {}).get("spec")
-
-
-def all_containers(spec: dict) -> list[dict]:
-    return spec.get("containers", []) + spec.get("initContainers", [])
-
-
-def rename_configmap_references(docs: list[dict], renames: dict[str, str]) -> None:
-    for doc in docs:
-        spec = pod_spec(doc)
-        if spec is None:
-            continue
-        refs = [v["configMap"] for v in spec.get("volumes", []) if "configMap" in v]
-        for container in all_containers(spec):
-            refs += [e["configMapRef"] for e in container.get("envFrom", []) if "configMapRef" in e]
-            sources = [e.get("valueFrom", {}) for e in container.get("env", [])]
-            refs += [s["configMapKeyRef"] for s in sources if "configMapKeyRef" in s]
-        for ref in refs:
-            ref["name"] = renames.get(ref["name"], ref["name"])
-
-
-def set_image(container: dict, images: list[dict]) -> None:
-    name, _, digest = container["image"].partition("@")
-    tag = ""
-    if ":" in name.rsplit("/", 1)[-1]:
-        name, tag = name.rsplit(":", 1)
-    for image in images:
-        if image["name"] == name:
-            name = image.get("newName", name)
-            tag, digest = image.get("newTag", tag), image.get("digest", digest)
-    container["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
-
-
-@functools.cache
-def render(directory: Path) -> tuple[dict, ...]:
-    """What `kustomize build directory` outputs, for the fields in SUPPORTED."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert set(kustomization) <= SUPPORTED, f"not implemented: {set(kustomization) - SUPPORTED}"
-    docs: list[dict] = []
-    for entry in kustomization.get("resources", []):
-        path = directory / entry
-        if path.is_dir():
-            docs += copy.deepcopy(list(render(path.resolve())))
-        else:
-            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-    options = kustomization.get("generatorOptions", {})
-    renames = {}
-    for generator in kustomization.get("configMapGenerator", []):
-        assert set(generator) <= {"name", "files", "options"}, generator
-        data = {}
-        for entry in generator["files"]:
-            key, _, file = entry.rpartition("=")
-            data[key or Path(file).name] = (directory / file).read_text()
-        name = generator["name"]
-        if not {**options, **generator.get("options", {})}.get("disableNameSuffixHash"):
-            renames[name] = f"{name}-{configmap_hash(name, data)}"
-        metadata = {"name": renames.get(name, name)}
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
-    rename_configmap_references(docs, renames)
-
-    for entry in kustomization.get("patches", []):
-        assert set(entry) == {"path"}, f"only file patches are implemented: {entry}"
-        patch = yaml.safe_load((directory / entry["path"]).read_text())
-        key = (patch["kind"], patch["metadata"]["name"])
-        targets = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) == key]
-        assert len(targets) == 1, f"patch {entry['path']} matches {len(targets)} objects"
-        docs[targets[0]] = strategic_merge(docs[targets[0]], patch)
-
-    for doc in docs:
-        spec = pod_spec(doc)
-        for container in all_containers(spec) if spec else []:
-            set_image(container, kustomization.get("images", []))
-        if "namespace" in kustomization and doc["kind"] not in CLUSTER_SCOPED:
-            doc["metadata"]["namespace"] = kustomization["namespace"]
-    return tuple(docs)
 
 
 def test_the_renderer_applies_the_overlay() -> None:
@@ -482,81 +230,7 @@ def test_the_renderer_applies_the_overlay() -> None:
     assert production_env[: len(base_env)] == base_env and len(production_env) > len(base_env)
 
 
-# --- helpers over the rendered objects --------------------------------------------
-
-
-def one(docs: tuple[dict, ...], kind: str) -> dict:
-    found = [doc for doc in docs if doc["kind"] == kind]
-    assert len(found) == 1, f"{len(found)} objects of kind {kind}"
-    return found[0]
-
-
-def main_container(docs: tuple[dict, ...]) -> dict:
-    containers = pod_spec(one(docs, "Deployment"))["containers"]
-    return next(c for c in containers if c["name"] == "gateway")
-
-
-def pod_labels(docs: tuple[dict, ...]) -> dict[str, str]:
-    return one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
-
-
-def container_port(container: dict, port: int | str) -> int:
-    """A probe's or Service's port: a number, or the name of a container port."""
-    if isinstance(port, int):
-        return port
-    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
-
-
-def served_config(docs: tuple[dict, ...]) -> str:
-    """config.yaml as the pod sees it: the ConfigMap mounted where `--config` points."""
-    container = main_container(docs)
-    config = Path(parse_cli(container["args"]).config)
-    mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == config.parent)
-    volumes = pod_spec(one(docs, "Deployment"))["volumes"]
-    volume = next(v for v in volumes if v["name"] == mount["name"])
-    configmap = one(docs, "ConfigMap")
-    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
-    return configmap["data"][config.name]
-
-
-def pod_environment(docs: tuple[dict, ...]) -> dict[str, str]:
-    env = {}
-    for entry in main_container(docs).get("env", []):
-        if "value" in entry:
-            env[entry["name"]] = entry["value"]
-        else:
-            env[entry["name"]] = FAKE_SECRETS[entry["valueFrom"]["secretKeyRef"]["key"]]
-    return env
-
-
-def effective_settings(docs: tuple[dict, ...], tmp_path: Path) -> Settings:
-    """The gateway's own loader on the mounted file with the container's environment only."""
-    path = tmp_path / "config.yaml"
-    path.write_text(served_config(docs))
-    return load_settings(path, env=pod_environment(docs))
-
-
-def prestop_seconds(container: dict) -> float:
-    pre_stop = container["lifecycle"]["preStop"]
-    if "sleep" in pre_stop:
-        return float(pre_stop["sleep"]["seconds"])
-    command = pre_stop["exec"]["command"]
-    assert command[0] in {"/bin/sleep", "sleep"} and len(command) == 2, command
-    return float(command[1])
-
-
-def quantity(value: str | int) -> float:
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-    match = re.fullmatch(r"([0-9.]+)(m|Ki|Mi|Gi)?", str(value))
-    assert match, value
-    return float(match[1]) * units.get(match[2] or "", 1)
-
-
-# --- schemas ------------------------------------------------------------------------
+# --- schemas --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -584,17 +258,15 @@ def test_the_validator_rejects_a_broken_manifest() -> None:
         kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
 
 
-# --- invariants across the files ----------------------------------------------------
+# --- invariants across the files ------------------------------------------------------
 
 
 @pytest.fixture(params=sorted(KUSTOMIZATIONS))
-def docs(request: pytest.FixtureRequest) -> tuple[dict, ...]:
+def docs(request: pytest.FixtureRequest) -> Docs:
     return render(KUSTOMIZATIONS[request.param])
 
 
-def test_the_configmap_loads_with_the_gateways_config_loader(
-    docs: tuple[dict, ...], tmp_path: Path
-) -> None:
+def test_the_configmap_loads_with_the_gateways_config_loader(docs: Docs, tmp_path: Path) -> None:
     settings = effective_settings(docs, tmp_path)
     assert settings.server.host == "0.0.0.0" and not settings.auth.anonymous
     assert settings.auth.ticket_secret is not None, "replicas must share the ticket secret"
@@ -605,16 +277,14 @@ def test_the_configmap_loads_with_the_gateways_config_loader(
     assert re.search(r"api_key: \$\{\w+\}", text) and re.search(r"sha256: \$\{\w+\}", text)
 
 
-def test_the_command_matches_the_image(docs: tuple[dict, ...]) -> None:
+def test_the_command_matches_the_image(docs: Docs) -> None:
     container = main_container(docs)
     image_cmd = parse_cli(exec_form(dockerfile()[-1].last("CMD")))
     assert parse_cli(container["args"]).config == image_cmd.config
     assert "command" not in container, "the image's ENTRYPOINT must stay `gateway`"
 
 
-def test_termination_grace_outlasts_prestop_and_drain(
-    docs: tuple[dict, ...], tmp_path: Path
-) -> None:
+def test_termination_grace_outlasts_prestop_and_drain(docs: Docs, tmp_path: Path) -> None:
     settings = effective_settings(docs, tmp_path)
     pause = prestop_seconds(main_container(docs))
     assert pause >= 3, "endpoints need a few seconds to drop the pod"
@@ -623,7 +293,7 @@ def test_termination_grace_outlasts_prestop_and_drain(
     assert grace >= pause + drain + MARGIN_S, (grace, pause, drain)
 
 
-def test_probes_and_ports_match_the_config(docs: tuple[dict, ...], tmp_path: Path) -> None:
+def test_probes_and_ports_match_the_config(docs: Docs, tmp_path: Path) -> None:
     settings = effective_settings(docs, tmp_path)
     container = main_container(docs)
     paths = {"readinessProbe": "/readyz", "livenessProbe": "/healthz", "startupProbe": "/healthz"}
@@ -639,9 +309,7 @@ def test_probes_and_ports_match_the_config(docs: tuple[dict, ...], tmp_path: Pat
     assert exposed == ports
 
 
-def test_the_pod_is_annotated_for_scraping_the_metrics_port(
-    docs: tuple[dict, ...], tmp_path: Path
-) -> None:
+def test_the_pod_is_annotated_for_scraping_the_metrics_port(docs: Docs, tmp_path: Path) -> None:
     settings = effective_settings(docs, tmp_path)
     annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -650,23 +318,8 @@ def test_the_pod_is_annotated_for_scraping_the_metrics_port(
     assert container_port(main_container(docs), "metrics") == settings.server.metrics_port
 
 
-def relabel(labels: dict[str, str], rules: list[dict]) -> dict[str, str] | None:
-    """Prometheus relabelling (keep and replace), enough for kubernetes-scrape.yml."""
-    for rule in rules:
-        value = ";".join(labels.get(name, "") for name in rule["source_labels"])
-        match = re.fullmatch(rule.get("regex", "(.*)"), value)
-        action = rule.get("action", "replace")
-        if action == "keep" and not match:
-            return None
-        if action == "replace" and match:
-            replacement = re.sub(r"\$(\d+)", r"\\g<\1>", rule.get("replacement", "$1"))
-            labels[rule["target_label"]] = match.expand(replacement)
-        assert action in {"keep", "replace"}, action
-    return labels
-
-
 def test_the_kubernetes_scrape_job_keeps_the_pod_and_targets_its_metrics_port(
-    docs: tuple[dict, ...], tmp_path: Path
+    docs: Docs, tmp_path: Path
 ) -> None:
     settings = effective_settings(docs, tmp_path)
     template = one(docs, "Deployment")["spec"]["template"]["metadata"]
@@ -683,7 +336,7 @@ def test_the_kubernetes_scrape_job_keeps_the_pod_and_targets_its_metrics_port(
     assert relabel(unlabelled, job["relabel_configs"]) is None
 
 
-def test_service_pdb_and_hpa_target_the_deployment(docs: tuple[dict, ...]) -> None:
+def test_service_pdb_and_hpa_target_the_deployment(docs: Docs) -> None:
     deployment, labels = one(docs, "Deployment"), pod_labels(docs)
     assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
     service = one(docs, "Service")
@@ -706,7 +359,7 @@ def test_service_pdb_and_hpa_target_the_deployment(docs: tuple[dict, ...]) -> No
     assert quantity(main_container(docs)["resources"]["requests"]["cpu"]) > 0
 
 
-def test_the_servicemonitor_scrapes_the_metrics_port(docs: tuple[dict, ...]) -> None:
+def test_the_servicemonitor_scrapes_the_metrics_port(docs: Docs) -> None:
     monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"].get("namespace") == service["metadata"].get("namespace")
@@ -718,7 +371,7 @@ def test_the_servicemonitor_scrapes_the_metrics_port(docs: tuple[dict, ...]) -> 
     assert service["metadata"]["name"] == "gateway" and "jobLabel" not in monitor["spec"]
 
 
-def test_the_pod_is_locked_down(docs: tuple[dict, ...]) -> None:
+def test_the_pod_is_locked_down(docs: Docs) -> None:
     spec = pod_spec(one(docs, "Deployment"))
     uid, gid = dockerfile_user()
     assert spec["automountServiceAccountToken"] is False
@@ -739,7 +392,7 @@ def test_the_pod_is_locked_down(docs: tuple[dict, ...]) -> None:
     assert {key for v in spec["volumes"] for key in v} <= {"name", "configMap", "emptyDir"}
 
 
-def test_rollouts_and_spreading_keep_capacity(docs: tuple[dict, ...]) -> None:
+def test_rollouts_and_spreading_keep_capacity(docs: Docs) -> None:
     deployment = one(docs, "Deployment")
     rolling = deployment["spec"]["strategy"]["rollingUpdate"]
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
@@ -759,7 +412,7 @@ def test_rollouts_and_spreading_keep_capacity(docs: tuple[dict, ...]) -> None:
             assert 0 < quantity(request) <= quantity(limit), (kind, request, limit)
 
 
-def test_secrets_are_referenced_but_never_rendered(docs: tuple[dict, ...]) -> None:
+def test_secrets_are_referenced_but_never_rendered(docs: Docs) -> None:
     assert not [doc for doc in docs if doc["kind"] == "Secret"]
     example = yaml.safe_load((BASE / "secret.example.yaml").read_text())
     for directory in KUSTOMIZATIONS.values():
@@ -801,85 +454,6 @@ INGRESS_NAMESPACE = "ingress-nginx"
 MONITORING_NAMESPACE = "monitoring"
 
 
-@dataclass(frozen=True)
-class Peer:
-    """A pod (namespace and labels) or, with namespace None, an address outside the cluster."""
-
-    ip: str
-    namespace: str | None = None
-    labels: tuple[tuple[str, str], ...] = ()
-
-
-def pod(namespace: str, ip: str, **labels: str) -> Peer:
-    return Peer(ip, namespace, tuple(labels.items()))
-
-
-def namespace_of(doc: dict) -> str:
-    return doc["metadata"].get("namespace", "default")
-
-
-def matches(selector: dict, labels: dict[str, str]) -> bool:
-    """A LabelSelector; {} selects everything."""
-    assert set(selector) <= {"matchLabels"}, f"not implemented: {selector}"
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
-
-
-def peer_matches(rule_peer: dict, peer: Peer, policy_namespace: str) -> bool:
-    if "ipBlock" in rule_peer:
-        address = ipaddress.ip_address(peer.ip)
-        block = rule_peer["ipBlock"]
-        inside = [ipaddress.ip_network(c) for c in [block["cidr"], *block.get("except", [])]]
-        return (
-            address.version == inside[0].version
-            and address in inside[0]
-            and not any(address in net for net in inside[1:] if net.version == address.version)
-        )
-    if peer.namespace is None:
-        return False  # pod and namespace selectors never match outside the cluster
-    if "namespaceSelector" in rule_peer:
-        namespace_labels = {"kubernetes.io/metadata.name": peer.namespace}
-        if not matches(rule_peer["namespaceSelector"], namespace_labels):
-            return False
-    elif peer.namespace != policy_namespace:
-        return False
-    return matches(rule_peer.get("podSelector", {}), dict(peer.labels))
-
-
-def allowed(
-    docs: tuple[dict, ...], direction: str, peer: Peer, port: int, protocol: str = "TCP"
-) -> bool:
-    """Whether the policies selecting the gateway's pod let this connection through:
-    no policy of that type selecting the pod allows all; otherwise any rule must."""
-    gateway_pod = main_container(docs)
-    policies = [
-        doc
-        for doc in docs
-        if doc["kind"] == "NetworkPolicy" and matches(doc["spec"]["podSelector"], pod_labels(docs))
-    ]
-    policy_type = {"ingress": "Ingress", "egress": "Egress"}[direction]
-    relevant = [p for p in policies if policy_type in p["spec"]["policyTypes"]]
-    if not relevant:
-        return True
-    for policy in relevant:
-        for rule in policy["spec"].get(direction, []):
-            peers = rule.get("from" if direction == "ingress" else "to")
-            if peers is not None and not any(
-                peer_matches(p, peer, namespace_of(policy)) for p in peers
-            ):
-                continue
-            ports = rule.get("ports")
-            if ports is None:
-                return True
-            for entry in ports:
-                number = entry["port"]
-                if isinstance(number, str):  # a named port of the destination: the gateway's
-                    assert direction == "ingress", "egress to a named port of another pod"
-                    number = container_port(gateway_pod, number)
-                if number == port and entry.get("protocol", "TCP") == protocol:
-                    return True
-    return False
-
-
 def test_the_policy_evaluator_follows_kubernetes_semantics() -> None:
     docs = render(BASE)
     assert allowed(
@@ -895,7 +469,7 @@ def test_the_policy_evaluator_follows_kubernetes_semantics() -> None:
 
 
 def test_the_network_policy_admits_only_the_ingress_controller_and_prometheus(
-    docs: tuple[dict, ...], tmp_path: Path
+    docs: Docs, tmp_path: Path
 ) -> None:
     settings = effective_settings(docs, tmp_path)
     app, metrics = settings.server.port, settings.server.metrics_port
@@ -925,9 +499,7 @@ def test_the_network_policy_admits_only_the_ingress_controller_and_prometheus(
             assert not [p for p in rule["from"] if "ipBlock" in p], rule
 
 
-def test_the_network_policy_lets_out_only_dns_redis_and_https(
-    docs: tuple[dict, ...], tmp_path: Path
-) -> None:
+def test_the_network_policy_lets_out_only_dns_redis_and_https(docs: Docs, tmp_path: Path) -> None:
     settings = effective_settings(docs, tmp_path)
     own = namespace_of(one(docs, "Deployment"))
     redis_port = URL(settings.redis.url).port

@@ -12,8 +12,7 @@ import pytest
 from gateway.generation import Generation
 from gateway.keys import registry_key
 from tests.conftest import StartGateway
-from tests.helpers import read_ndjson
-from tests.rawclient import open_stream, read_generation_id
+from tests.helpers import open_stream, read_generation_id, read_ndjson
 
 THINKING = {
     "name": "sim-1",

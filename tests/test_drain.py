@@ -13,14 +13,14 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.helpers import assert_well_formed, read_ndjson, read_sse, text_of
-from tests.test_serve import free_port, start_process
+from tests.helpers import assert_well_formed, fetch, read_ndjson, read_sse, text_of, ws_refusal
+from tests.redis_server import free_port
+from tests.test_serve import start_process
 
 StartProcess = Callable[..., Awaitable[asyncio.subprocess.Process]]
 
@@ -53,11 +53,6 @@ async def exit_status(process: asyncio.subprocess.Process, within_s: float) -> t
     return process.returncode, time.monotonic() - started
 
 
-async def status_of(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> Any:
-    async with session.request(method, url, **kw) as response:
-        return response.status, response.headers.get("Retry-After"), await response.read()
-
-
 async def test_running_streams_finish_within_the_grace_and_new_ones_are_refused(
     start: StartProcess,
 ) -> None:
@@ -70,17 +65,13 @@ async def test_running_streams_finish_within_the_grace_and_new_ones_are_refused(
             first = await stream.content.readline()
             process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.1)
-            ready, retry, _ = await status_of(session, "GET", f"{base}/readyz")
-            assert ready == 503 and retry == "1"
-            assert (await status_of(session, "GET", f"{base}/healthz"))[0] == 200
-            refused, retry, raw = await status_of(
-                session, "POST", f"{base}/v1/stream/chunked", json=body
-            )
-            assert refused == 503 and retry == "1"
+            ready, headers, _ = await fetch(base, "GET", "/readyz")
+            assert ready == 503 and headers.get("Retry-After") == "1"
+            assert (await fetch(base, "GET", "/healthz"))[0] == 200
+            refused, headers, raw = await fetch(base, "POST", "/v1/stream/chunked", body=body)
+            assert refused == 503 and headers.get("Retry-After") == "1"
             assert orjson.loads(raw)["error"]["code"] == "shutting_down"
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused_ws:
-                await session.ws_connect(f"{base}/v1/stream/ws")
-            assert refused_ws.value.status == 503
+            assert await ws_refusal(base) == 503
             events = [orjson.loads(first), *await read_ndjson(stream)]
     # The running stream was not cut: it ended on its own, complete.
     assert_well_formed(events)

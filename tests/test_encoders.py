@@ -10,7 +10,7 @@ from gateway.events import Event, scrub_surrogates
 from gateway.transports.chunked import encode_ndjson
 from gateway.transports.sse import encode_sse
 from gateway.transports.websocket import encode_ws, with_request_id
-from tests.sse_parser import SseParser
+from tests.helpers import SseParser
 
 # Every code point, lone surrogates included, with line breaks and emoji made likely.
 pieces = st.one_of(

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import StartGateway
+from tests.helpers import fetch
 
 STREAM_ROUTES = ["/v1/stream/chunked", "/v1/stream/sse", "/v1/generations"]
 
 
-async def post(server: Any, path: str, **kwargs: Any) -> tuple[int, dict[str, Any], Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url(path), **kwargs) as response:
-            return response.status, await response.json(), response.headers
-
-
-def assert_error(body: dict[str, Any], code: str) -> str:
+def assert_error(headers: Mapping[str, str], raw: bytes, code: str) -> str:
+    """A JSON body in OpenAI's error shape with `code`; the message."""
+    assert headers["Content-Type"].startswith("application/json"), headers
+    body = orjson.loads(raw)
     assert set(body) == {"error"}
     assert set(body["error"]) == {"type", "code", "message"}
     assert body["error"]["code"] == code
     assert body["error"]["message"]
-    return body["error"]["message"]
+    return str(body["error"]["message"])
 
 
 @pytest.mark.parametrize("path", STREAM_ROUTES)
@@ -50,25 +50,27 @@ async def test_bad_bodies_are_400(
     start_gateway: StartGateway, path: str, body: bytes, fragment: str
 ) -> None:
     server = await start_gateway()
-    status, data, _ = await post(server, path, data=body)
+    status, headers, raw = await fetch(server, "POST", path, data=body)
     assert status == 400
-    assert fragment in assert_error(data, "invalid_request")
+    assert fragment in assert_error(headers, raw, "invalid_request")
 
 
 @pytest.mark.parametrize("path", STREAM_ROUTES)
 async def test_unknown_model_is_404(start_gateway: StartGateway, path: str) -> None:
     server = await start_gateway()
-    status, data, _ = await post(server, path, json={"prompt": "hi", "model": "gpt-9"})
+    status, headers, raw = await fetch(
+        server, "POST", path, body={"prompt": "hi", "model": "gpt-9"}
+    )
     assert status == 404
-    assert "gpt-9" in assert_error(data, "model_not_found")
+    assert "gpt-9" in assert_error(headers, raw, "model_not_found")
 
 
 @pytest.mark.parametrize("path", STREAM_ROUTES)
 async def test_body_over_the_limit_is_413(start_gateway: StartGateway, path: str) -> None:
     server = await start_gateway(server={"max_body_bytes": 4096})
-    status, data, _ = await post(server, path, json={"prompt": "x" * 5000})
+    status, headers, raw = await fetch(server, "POST", path, body={"prompt": "x" * 5000})
     assert status == 413
-    assert "4096" in assert_error(data, "invalid_request")
+    assert "4096" in assert_error(headers, raw, "invalid_request")
 
 
 async def test_body_over_the_limit_without_content_length_is_413(
@@ -80,33 +82,31 @@ async def test_body_over_the_limit_without_content_length_is_413(
         for _ in range(10):
             yield b"x" * 1000
 
-    status, data, _ = await post(server, "/v1/stream/chunked", data=chunks())
+    status, headers, raw = await fetch(server, "POST", "/v1/stream/chunked", data=chunks())
     assert status == 413
-    assert_error(data, "invalid_request")
+    assert_error(headers, raw, "invalid_request")
 
 
 async def test_unknown_route_and_method_use_the_error_shape(start_gateway: StartGateway) -> None:
     server = await start_gateway()
-    async with aiohttp.ClientSession() as session:
-        async with session.get(server.make_url("/v1/nothing")) as response:
-            assert response.status == 404
-            assert_error(await response.json(), "invalid_request")
-        async with session.put(server.make_url("/v1/stream/chunked")) as response:
-            assert response.status == 405
-            assert_error(await response.json(), "invalid_request")
+    status, headers, raw = await fetch(server, "GET", "/v1/nothing")
+    assert status == 404
+    assert_error(headers, raw, "invalid_request")
+    status, headers, raw = await fetch(server, "PUT", "/v1/stream/chunked")
+    assert status == 405
+    assert_error(headers, raw, "invalid_request")
 
 
 async def test_sse_get_validates_query(start_gateway: StartGateway) -> None:
     server = await start_gateway()
-    async with aiohttp.ClientSession() as session:
-        for query, fragment in [
-            ("", "prompt"),
-            ("?prompt=hi&max_tokens=ten", "max_tokens"),
-            ("?prompt=hi&evil=1", "evil"),
-        ]:
-            async with session.get(server.make_url("/v1/stream/sse" + query)) as response:
-                assert response.status == 400
-                assert fragment in assert_error(await response.json(), "invalid_request")
+    for query, fragment in [
+        ("", "prompt"),
+        ("?prompt=hi&max_tokens=ten", "max_tokens"),
+        ("?prompt=hi&evil=1", "evil"),
+    ]:
+        status, headers, raw = await fetch(server, "GET", "/v1/stream/sse" + query)
+        assert status == 400
+        assert fragment in assert_error(headers, raw, "invalid_request")
 
 
 async def test_request_id_is_echoed_or_made(start_gateway: StartGateway) -> None:

@@ -19,14 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_serve import free_port
+from tests.helpers import ws_exchange
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_CODES = {"invalid_request", "model_not_found", "rate_limited"}
@@ -137,20 +137,6 @@ def test_fuzzed_bodies_get_a_stream_or_a_contract_error(
         assert error["code"] in ERROR_CODES and error["message"], data
 
 
-async def ws_exchange(host: str, port: int, message: bytes) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"http://{host}:{port}/v1/stream/ws") as ws:
-            await ws.send_str(message.decode())
-            frames = []
-            while True:
-                reply = await ws.receive(timeout=5)
-                if reply.type != aiohttp.WSMsgType.TEXT:
-                    raise AssertionError(f"socket ended: {reply}")
-                frames.append(orjson.loads(reply.data))
-                if frames[-1]["type"] in {"done", "error"}:
-                    return frames
-
-
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(message=BODIES)
 def test_fuzzed_websocket_messages_get_a_stream_or_an_error_frame(
@@ -158,7 +144,8 @@ def test_fuzzed_websocket_messages_get_a_stream_or_an_error_frame(
 ) -> None:
     if isinstance(message.get("max_tokens"), int):
         message["max_tokens"] = min(message["max_tokens"], 3)
-    frames = asyncio.run(ws_exchange(*fuzz_target, json.dumps(message).encode()))
+    host, port = fuzz_target
+    frames = asyncio.run(ws_exchange(f"http://{host}:{port}", json.dumps(message), timeout=5))
     terminal = frames[-1]
     assert terminal["type"] in {"done", "error"}
     if terminal["type"] == "error":

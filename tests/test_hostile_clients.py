@@ -15,37 +15,31 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway_process import NO_LIMITS, GatewayProcess, start_gateway_process
-from tests.helpers import read_ndjson, text_of
-from tests.test_serve import free_port
+from tests.helpers import raw_exchange, scrape_value, stream, text_of, ws_frames
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-ROOT = Path(__file__).resolve().parent.parent
 ERROR_CODES = {"invalid_request", "model_not_found", "rate_limited"}
+#: `sim-1` streams at the default 50 tokens/s, long enough to run through a storm.
+MODELS = [
+    {"name": "sim-1", "provider": "simulated", "first_token_ms": 20},
+    {"name": "sim-fast", "provider": "simulated", "first_token_ms": 20, "tokens_per_second": 200},
+]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GatewayProcess]:
     config = {
         "server": {"port": free_port(), "idle_timeout_s": 1, "body_timeout_s": 1},
-        "models": [
-            {"name": "sim-1", "provider": "simulated", "first_token_ms": 20},
-            {
-                "name": "sim-fast",
-                "provider": "simulated",
-                "first_token_ms": 20,
-                "tokens_per_second": 200,
-            },
-        ],
+        "models": MODELS,
         "rate_limit": {"default": NO_LIMITS},
         "logging": {"level": "warning"},
     }
@@ -143,19 +137,9 @@ async def drop_at_random(gateway: GatewayProcess, rng: random.Random) -> None:
 
 async def healthy_stream(session: aiohttp.ClientSession, gateway: GatewayProcess, seed: int) -> str:
     body = {"model": "sim-1", "prompt": "healthy", "max_tokens": 40, "seed": seed}
-    async with session.post(f"{gateway.url}/v1/stream/chunked", json=body) as response:
-        events = await read_ndjson(response)
+    events = (await stream(gateway, "chunked", body, session=session)).events
     assert events[-1]["type"] == "done", events[-1]
     return text_of(events)
-
-
-def scrape_value(scrape: str, name: str, **labels: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(scrape)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 async def test_ten_thousand_dropped_connections_leave_healthy_streams_exact(
@@ -216,12 +200,7 @@ async def test_a_websocket_flood_is_closed_with_1008_and_pings_are_no_flood(
                 await ws.ping()
             body = {"model": "sim-fast", "prompt": "after", "max_tokens": 5, "seed": 1}
             await ws.send_json({"type": "generate", "request_id": "ok", **body})
-            events = []
-            while not events or events[-1]["type"] not in {"done", "error"}:
-                message = await ws.receive(timeout=10)
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    events.append(orjson.loads(message.data))
-            assert events[-1]["type"] == "done"
+            assert (await ws_frames(ws, "ok"))[-1]["type"] == "done"
 
 
 @pytest.mark.parametrize(
@@ -374,14 +353,10 @@ async def test_unsafe_request_ids_are_replaced(gateway: GatewayProcess, request_
 
 
 async def test_a_bare_cr_in_a_header_is_refused(gateway: GatewayProcess) -> None:
-    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    writer.write(
+    request = (
         b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: a\rSet-Cookie: x=1\r\n\r\n"
     )
-    await writer.drain()
-    async with asyncio.timeout(5):
-        response = await reader.read(65536)
-    writer.close()
+    response = await raw_exchange(gateway.host, gateway.port, request, timeout=5)
     head = response.split(b"\r\n\r\n", 1)[0]
     assert head.split(b" ", 2)[1] == b"400" and b"Set-Cookie" not in head
     # One info line, not an error with a traceback any client could repeat.
@@ -403,12 +378,8 @@ async def test_a_bare_cr_in_a_header_is_refused(gateway: GatewayProcess) -> None
     ],
 )
 async def test_static_files_do_not_leave_their_folder(gateway: GatewayProcess, path: str) -> None:
-    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    async with asyncio.timeout(5):
-        response = await reader.read()
-    writer.close()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    response = await raw_exchange(gateway.host, gateway.port, request.encode(), timeout=5)
     status = int(response.split(b" ", 2)[1])
     assert status in {400, 403, 404}, response[:200]
     assert b"models:" not in response and b"root:" not in response and b"[project]" not in response

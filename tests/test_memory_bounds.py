@@ -15,16 +15,15 @@ from aiohttp.test_utils import TestServer
 
 from gateway.keys import registry_key
 from tests.conftest import FAST_MODEL, StartGateway
-from tests.helpers import assert_well_formed, read_ndjson
+from tests.helpers import assert_well_formed, read_ndjson, stream
 
 SLOW = {**FAST_MODEL, "name": "slow", "tokens_per_second": 400}
 
 
 async def ndjson(server: TestServer, body: dict[str, Any]) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/chunked"), json=body) as response:
-            assert response.status == 200
-            return await read_ndjson(response)
+    streamed = await stream(server, "chunked", body)
+    assert streamed.status == 200
+    return streamed.events
 
 
 async def settled(server: TestServer) -> None:

@@ -25,8 +25,17 @@ import pytest
 from tests.conftest import require_binary
 from tests.gateway_process import NO_LIMITS, start_gateway_process
 from tests.gateway_process import GatewayProcess as Gateway
-from tests.helpers import assert_well_formed, read_ndjson, read_sse, text_of
-from tests.test_serve import free_port
+from tests.helpers import (
+    Events,
+    assert_well_formed,
+    read_ndjson,
+    stream,
+    text_of,
+    ws_exchange,
+    ws_frames,
+    ws_refusal,
+)
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONF = ROOT / "deploy" / "nginx" / "gateway.conf"
@@ -128,39 +137,41 @@ http {{
         process.wait(timeout=10)
 
 
+#: A gateway process and the shipped nginx in front of it: (gateway, nginx's base URL).
+Proxied = Callable[..., Awaitable[tuple[Gateway, str]]]
+
+
+@pytest.fixture
+def through_nginx(
+    start_gateway: Callable[..., Awaitable[Gateway]], start_nginx: Callable[..., str]
+) -> Proxied:
+    async def start(
+        heartbeat_s: float = 15, read_timeout: str | None = None
+    ) -> tuple[Gateway, str]:
+        gateway = await start_gateway(heartbeat_s)
+        return gateway, start_nginx(gateway, read_timeout)
+
+    return start
+
+
 BODY = {"prompt": "Explain vector databases.", "max_tokens": 20, "seed": 7}
 
 
-async def stream_all(session: aiohttp.ClientSession, base: str, transport: str, **body: Any):
-    """Every event of one generation, over `transport`."""
-    request = {**BODY, **body}
-    if transport == "ws":
-        async with session.ws_connect(f"{base}/v1/stream/ws") as ws:
-            await ws.send_json({"type": "generate", "request_id": "r", **request})
-            events = []
-            while True:
-                events.append(await ws.receive_json(timeout=10))
-                if events[-1]["type"] in {"done", "error"}:
-                    return [{k: v for k, v in e.items() if k != "request_id"} for e in events]
-    async with session.post(f"{base}/v1/stream/{transport}", json=request) as response:
-        assert response.status == 200
-        assert "Content-Encoding" not in response.headers
-        if transport == "sse":
-            return (await read_sse(response))[0]
-        return await read_ndjson(response)
+async def stream_all(base: str, transport: str, **body: Any) -> Events:
+    """Every event of one generation over `transport`. The client accepts gzip, yet the
+    stream must come uncompressed: nginx would hold a gzipped stream in its buffers."""
+    streamed = await stream(base, transport, {**BODY, **body}, headers={"Accept-Encoding": "gzip"})
+    assert streamed.status in {101, 200} and "Content-Encoding" not in streamed.headers
+    return streamed.events
 
 
 @pytest.mark.parametrize("transport", ["chunked", "sse", "ws"])
 async def test_every_transport_streams_through_nginx_unchanged(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
-    transport: str,
+    through_nginx: Proxied, transport: str
 ) -> None:
-    gateway = await start_gateway()
-    proxy = start_nginx(gateway)
-    async with aiohttp.ClientSession(headers={"Accept-Encoding": "gzip"}) as session:
-        direct = await stream_all(session, gateway.url, transport, model="sim-fast")
-        through = await stream_all(session, proxy, transport, model="sim-fast")
+    gateway, proxy = await through_nginx()
+    direct = await stream_all(gateway.url, transport, model="sim-fast")
+    through = await stream_all(proxy, transport, model="sim-fast")
     assert_well_formed(through)
     assert through[-1]["type"] == "done"
     assert text_of(through) == text_of(direct) != ""
@@ -180,14 +191,11 @@ async def first_token_delay(session: aiohttp.ClientSession, base: str, transport
 
 @pytest.mark.parametrize("transport", ["chunked", "sse"])
 async def test_the_first_token_through_nginx_is_not_held_back(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
-    transport: str,
+    through_nginx: Proxied, transport: str
 ) -> None:
     """sim-slow streams its 20 tokens over ~1 s: a buffering proxy would hold the
     first one until the buffer fills or the stream ends, ~1 s late."""
-    gateway = await start_gateway()
-    proxy = start_nginx(gateway)
+    gateway, proxy = await through_nginx()
     direct, through = [], []
     async with aiohttp.ClientSession() as session:
         for _ in range(7):  # alternating, so machine noise hits both alike
@@ -203,30 +211,21 @@ async def test_the_first_token_through_nginx_is_not_held_back(
 
 @pytest.mark.parametrize("transport", ["chunked", "sse", "ws"])
 async def test_heartbeats_keep_a_thinking_stream_open_past_the_read_timeout(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
-    transport: str,
+    through_nginx: Proxied, transport: str
 ) -> None:
     """sim-think is silent for 2.5 s; nginx's read timeout is 1 s; heartbeats every 0.3 s."""
-    gateway = await start_gateway(heartbeat_s=0.3)
-    proxy = start_nginx(gateway, read_timeout="1s")
-    async with aiohttp.ClientSession() as session:
-        events = await stream_all(session, proxy, transport, model="sim-think", max_tokens=3)
+    _, proxy = await through_nginx(heartbeat_s=0.3, read_timeout="1s")
+    events = await stream_all(proxy, transport, model="sim-think", max_tokens=3)
     assert_well_formed(events)
     assert events[-1]["type"] == "done" and text_of(events)
 
 
-async def test_without_heartbeats_nginx_cuts_the_silent_stream(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
-) -> None:
+async def test_without_heartbeats_nginx_cuts_the_silent_stream(through_nginx: Proxied) -> None:
     """The control for the test above: the read timeout really is one second."""
-    gateway = await start_gateway(heartbeat_s=10)
-    proxy = start_nginx(gateway, read_timeout="1s")
+    _, proxy = await through_nginx(heartbeat_s=10, read_timeout="1s")
     started = time.monotonic()
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await stream_all(session, proxy, "chunked", model="sim-think", max_tokens=3)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await stream_all(proxy, "chunked", model="sim-think", max_tokens=3)
     assert 0.9 < time.monotonic() - started < 2.4
 
 
@@ -239,14 +238,10 @@ async def access_line(gateway: Gateway, request_id: str) -> dict[str, Any]:
             await asyncio.sleep(0.05)
 
 
-async def test_the_client_address_and_request_id_reach_the_gateway(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
-) -> None:
+async def test_the_client_address_and_request_id_reach_the_gateway(through_nginx: Proxied) -> None:
     """The client connects from 127.0.0.2 and claims to be 203.0.113.9; nginx
     (127.0.0.1, trusted) appends what it saw, and the gateway believes only that."""
-    gateway = await start_gateway()
-    proxy = start_nginx(gateway)
+    gateway, proxy = await through_nginx()
     connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
     spoofed = {"X-Forwarded-For": "203.0.113.9"}
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -269,12 +264,8 @@ async def test_the_client_address_and_request_id_reach_the_gateway(
     assert (await access_line(gateway, "direct-1"))["client_ip"] == "127.0.0.2"
 
 
-async def test_metrics_are_not_served_through_nginx(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
-) -> None:
-    gateway = await start_gateway()
-    proxy = start_nginx(gateway)
+async def test_metrics_are_not_served_through_nginx(through_nginx: Proxied) -> None:
+    gateway, proxy = await through_nginx()
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{proxy}/metrics") as response:
             assert response.status == 404
@@ -288,19 +279,16 @@ async def test_metrics_are_not_served_through_nginx(
 
 
 async def test_a_page_served_on_a_high_port_may_open_a_websocket_and_post(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
+    through_nginx: Proxied,
 ) -> None:
     """A browser on nginx's port sends `Origin: http://127.0.0.1:<port>`; the gateway's
     same-origin check needs that port in `Host` (`$host` dropped it: 403)."""
-    gateway = await start_gateway()
-    proxy = start_nginx(gateway)  # a free high port
+    _, proxy = await through_nginx()  # a free high port
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{proxy}/v1/stream/ws", origin=proxy) as ws:
-            await ws.send_json({"type": "generate", "request_id": "r", **BODY})
-            while (frame := await ws.receive_json(timeout=10))["type"] not in {"done", "error"}:
-                pass
-            assert frame["type"] == "done", frame
+        frames = await ws_exchange(
+            proxy, {"type": "generate", "request_id": "r", **BODY}, origin=proxy
+        )
+        assert frames[-1]["type"] == "done", frames[-1]
         headers = {"Origin": proxy}
         async with session.post(f"{proxy}/v1/stream/chunked", json=BODY, headers=headers) as r:
             assert r.status == 200, await r.text()
@@ -312,22 +300,16 @@ async def test_a_page_served_on_a_high_port_may_open_a_websocket_and_post(
             f"{proxy}/v1/stream/chunked", json=BODY, headers={"Origin": other}
         ) as r:
             assert r.status == 403
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            async with session.ws_connect(f"{proxy}/v1/stream/ws", origin=other):
-                pass
-        assert refused.value.status == 403
+        assert await ws_refusal(proxy, origin=other) == 403
 
 
 # -- nginx's access log ------------------------------------------------------------------
 
 
 async def test_an_access_token_never_reaches_the_nginx_access_log(
-    start_gateway: Callable[..., Awaitable[Gateway]],
-    start_nginx: Callable[..., str],
-    tmp_path: Path,
+    through_nginx: Proxied, tmp_path: Path
 ) -> None:
-    gateway = await start_gateway()
-    proxy = start_nginx(gateway)
+    gateway, proxy = await through_nginx()
     prefix = tmp_path / f"nginx-{proxy.rsplit(':', 1)[1]}"
     secret = "secret-ticket-7f3a9c"
     async with aiohttp.ClientSession() as session:
@@ -338,8 +320,7 @@ async def test_an_access_token_never_reaches_the_nginx_access_log(
         ws_url = f"{proxy}/v1/stream/ws?access%5Ftoken={secret}&x=1"
         async with session.ws_connect(ws_url, headers={"X-Request-ID": "nginx-log-ws"}) as ws:
             await ws.send_json({"type": "generate", "request_id": "r", **BODY})
-            while (await ws.receive_json(timeout=10))["type"] not in {"done", "error"}:
-                pass
+            await ws_frames(ws, "r")
     log = prefix / "access.log"
     async with asyncio.timeout(5):  # a line is written when its request ends
         while log.read_text().count("/v1/stream/") < 2:

@@ -7,22 +7,21 @@ import asyncio
 import aiohttp
 import openai
 import pytest
+from aiohttp.test_utils import TestServer
 
 from gateway.keys import registry_key
-from tests.conftest import TEST_API_KEY, TEST_KEY_CONFIG, StartGateway
-from tests.helpers import read_ndjson, text_of
+from tests.conftest import FAST_MODEL, TEST_API_KEY, TEST_KEY_CONFIG, StartGateway
+from tests.helpers import stream, text_of
 
 MESSAGES = [{"role": "user", "content": "Explain vector databases."}]
 
 
-async def reference_text(server, max_tokens: int, seed: int) -> str:
+async def reference_text(server: TestServer, max_tokens: int, seed: int) -> str:
     body = {"messages": MESSAGES, "max_tokens": max_tokens, "seed": seed}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/chunked"), json=body) as response:
-            return text_of(await read_ndjson(response))
+    return text_of((await stream(server, "chunked", body)).events)
 
 
-def client(server) -> openai.AsyncOpenAI:
+def client(server: TestServer) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0
     )
@@ -117,13 +116,7 @@ async def test_sdk_exception_types(start_gateway: StartGateway, kwargs, exceptio
 
 
 async def test_mid_stream_failure_raises_api_error(start_gateway: StartGateway) -> None:
-    model = {
-        "name": "sim-1",
-        "provider": "simulated",
-        "tokens_per_second": 5000,
-        "first_token_ms": 0,
-        "fail_after_tokens": 3,
-    }
+    model = {**FAST_MODEL, "tokens_per_second": 5000, "first_token_ms": 0, "fail_after_tokens": 3}
     server = await start_gateway(models=[model])
     sdk = client(server)
     received = []

@@ -18,17 +18,30 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import TEST_API_KEY, StartGateway
-from tests.fake_upstream import DEFAULT_TOKENS, FakeUpstream, StartFakeUpstream, large_delta
+from tests.conftest import StartGateway
+from tests.fake_upstream import (
+    DEFAULT_TOKENS,
+    Call,
+    FakeUpstream,
+    StartFakeUpstream,
+    large_delta,
+)
 from tests.helpers import SECRET, assert_well_formed, openai_model, read_ndjson, read_sse, text_of
 from tests.redis_server import free_port
 from tests.sse_parser import SseParser
+from tests.tool_helpers import (
+    AUTH,
+    SIM,
+    Events,
+    assistant_calls,
+    direct,
+    function_tool,
+    post_chat,
+    through,
+)
 
 TEXT = "".join(DEFAULT_TOKENS)
-AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 BODY: dict[str, Any] = {"model": "gpt", "prompt": "Say hello"}
-SIM = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 5000, "first_token_ms": 0}
-Events = list[dict[str, Any]]
 
 
 async def gateway(
@@ -36,6 +49,13 @@ async def gateway(
 ) -> TestServer:
     """The gateway serving `models` (the first is the default) and a simulated `sim-1`."""
     return await start_gateway(models=[*models, SIM], streams={"resume_grace_s": grace_s})
+
+
+async def sdk_through_gateway(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream
+) -> openai.AsyncOpenAI:
+    """The official SDK, pointed at a gateway whose `gpt` is `fake_upstream`."""
+    return through(await gateway(start_gateway, openai_model(fake_upstream.base_url)))
 
 
 def now() -> float:
@@ -211,11 +231,7 @@ async def test_the_official_sdk_streams_through_the_gateway(
     start_gateway: StartGateway, fake_upstream: FakeUpstream
 ) -> None:
     fake_upstream.token_delay_s = 0.005
-    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
-    sdk = openai.AsyncOpenAI(
-        base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0
-    )
-    try:
+    async with await sdk_through_gateway(start_gateway, fake_upstream) as sdk:
         stream = await sdk.chat.completions.create(
             model="gpt",
             messages=[{"role": "user", "content": "hi"}],
@@ -231,8 +247,6 @@ async def test_the_official_sdk_streams_through_the_gateway(
         whole = await sdk.chat.completions.create(
             model="gpt", messages=[{"role": "user", "content": "hi"}]
         )
-    finally:
-        await sdk.close()
     assert "".join(deltas) == TEXT and finish == "stop"
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (11, 6)
     assert whole.choices[0].message.content == TEXT
@@ -241,8 +255,7 @@ async def test_the_official_sdk_streams_through_the_gateway(
 
 async def test_the_fake_speaks_the_wire_the_sdk_parses(fake_upstream: FakeUpstream) -> None:
     """The fake itself, read by the official SDK's typed parser: it is a faithful upstream."""
-    sdk = openai.AsyncOpenAI(base_url=fake_upstream.base_url, api_key=SECRET, max_retries=0)
-    try:
+    async with direct(fake_upstream) as sdk:
         stream = await sdk.chat.completions.create(
             model="m",
             messages=[{"role": "user", "content": "hi"}],
@@ -254,8 +267,6 @@ async def test_the_fake_speaks_the_wire_the_sdk_parses(fake_upstream: FakeUpstre
         fake_upstream.fail_status, fake_upstream.fail_times = 429, 1
         with pytest.raises(openai.RateLimitError):
             await sdk.chat.completions.create(model="m", messages=[], stream=True)
-    finally:
-        await sdk.close()
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == TEXT
     assert chunks[-2].choices[0].finish_reason == "stop"
@@ -429,14 +440,18 @@ async def test_retries_back_off_without_retry_after(
     assert 0.37 <= second.received_at - first.received_at < 0.65  # 0.5 s minus ≤25% jitter
 
 
+@pytest.mark.parametrize(("retry_after", "wait_s"), [("1", 1.0), ("0.8", 0.8)])
 async def test_retry_after_is_honoured(
-    start_gateway: StartGateway, fake_upstream: FakeUpstream
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, retry_after: str, wait_s: float
 ) -> None:
-    fake_upstream.fail_status, fake_upstream.fail_times, fake_upstream.retry_after = 429, 1, "1"
+    """In seconds, fractional ones too; 0.8 s is longer than the first backoff
+    (0.5 s at most), so a value that was ignored could not pass for one kept."""
+    fake_upstream.fail_status, fake_upstream.fail_times = 429, 1
+    fake_upstream.retry_after = retry_after
     server = await gateway(start_gateway, openai_model(fake_upstream.base_url, max_retries=1))
     assert text_of(await chunked(server)) == TEXT
     first, second = fake_upstream.requests
-    assert 1.0 <= second.received_at - first.received_at < 1.3
+    assert wait_s <= second.received_at - first.received_at < wait_s + 0.3
 
 
 async def test_a_second_upstream_takes_over_when_retries_are_spent(
@@ -510,17 +525,11 @@ async def test_the_sdk_sees_an_upstream_rate_limit_as_rate_limit_error(
     start_gateway: StartGateway, fake_upstream: FakeUpstream
 ) -> None:
     fake_upstream.fail_status, fake_upstream.fail_times, fake_upstream.retry_after = 429, 99, "0"
-    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
-    sdk = openai.AsyncOpenAI(
-        base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0
-    )
-    try:
+    async with await sdk_through_gateway(start_gateway, fake_upstream) as sdk:
         with pytest.raises(openai.RateLimitError) as error:
             await sdk.chat.completions.create(
                 model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True
             )
-    finally:
-        await sdk.close()
     assert error.value.code == "upstream_error"
     assert len(fake_upstream.requests) == 1
 
@@ -609,11 +618,8 @@ async def test_first_token_timeout_is_retried_and_is_504_on_chat_completions(
     fake_upstream.first_token_delay_s = 30
     model = openai_model(fake_upstream.base_url, timeout_s=0.3, max_retries=1)
     server = await gateway(start_gateway, model)
-    url = server.make_url("/v1/chat/completions")
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=chat_body(BODY, True), headers=AUTH) as response:
-            assert response.status == 504
-            assert (await response.json())["error"]["code"] == "upstream_timeout"
+    status, answer = await post_chat(server, chat_body(BODY, True))
+    assert status == 504 and answer["error"]["code"] == "upstream_timeout"
     assert len(fake_upstream.requests) == 2
     assert all(r.closed_at is not None for r in fake_upstream.requests)
 
@@ -767,11 +773,7 @@ async def test_a_tool_call_before_any_text_streams_on_the_openai_route(
 ) -> None:
     """It was a 502 while tool calls were not forwarded: now the SDK gets the call."""
     fake_upstream.tool_call_after = 0
-    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
-    sdk = openai.AsyncOpenAI(
-        base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0
-    )
-    async with sdk:
+    async with await sdk_through_gateway(start_gateway, fake_upstream) as sdk:
         hello = [{"role": "user", "content": "Say hello"}]
         answer = await sdk.chat.completions.create(model="gpt", messages=hello)  # type: ignore[arg-type]
     message = answer.choices[0].message
@@ -787,11 +789,8 @@ async def test_a_mid_stream_failure_fails_a_non_streaming_completion(
 ) -> None:
     fake_upstream.drop_after = 2
     server = await gateway(start_gateway, openai_model(fake_upstream.base_url, max_retries=2))
-    url = server.make_url("/v1/chat/completions")
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url, json=chat_body(BODY, False), headers=AUTH) as response:
-            assert response.status == 502
-            assert (await response.json())["error"]["code"] == "upstream_error"
+    status, answer = await post_chat(server, chat_body(BODY, False))
+    assert status == 502 and answer["error"]["code"] == "upstream_error"
     assert len(fake_upstream.requests) == 1
 
 
@@ -800,20 +799,14 @@ async def test_an_in_stream_error_is_redacted_and_raised_by_the_sdk(
 ) -> None:
     fake_upstream.error_after = 2
     fake_upstream.error_message = f"upstream exploded (key {SECRET})"
-    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
-    sdk = openai.AsyncOpenAI(
-        base_url=str(server.make_url("/v1")), api_key=TEST_API_KEY, max_retries=0
-    )
     deltas = []
-    try:
+    async with await sdk_through_gateway(start_gateway, fake_upstream) as sdk:
         stream = await sdk.chat.completions.create(
             model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True
         )
         with pytest.raises(openai.APIError) as error:
             async for chunk in stream:
                 deltas += [c.delta.content for c in chunk.choices if c.delta.content]
-    finally:
-        await sdk.close()
     assert deltas == ["Hel", "lo"]
     assert "upstream exploded" in error.value.message
     assert SECRET not in error.value.message and "123456" not in error.value.message
@@ -829,29 +822,11 @@ async def test_the_chat_body_reaches_the_upstream_with_unknown_fields_unchanged(
     passthrough = ["logprobs", "top_logprobs", "user", "metadata"]
     model = openai_model(fake_upstream.base_url, headers=headers, passthrough=passthrough)
     server = await gateway(start_gateway, model)
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-            },
-        }
-    ]
+    tools = [function_tool("get_weather", {"city": {"type": "string"}})]
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
-                }
-            ],
-        },
+        assistant_calls(Call("get_weather", '{"city":"Oslo"}', "c1")),
         {"role": "tool", "tool_call_id": "c1", "content": "rain"},
     ]
     unknown = {

@@ -26,7 +26,10 @@ from tests.fake_upstream import (
     tool_call_deltas,
 )
 from tests.tool_helpers import (
+    OSLO,
+    TOKYO_TIME,
     TOOLS,
+    assistant_calls,
     calls_from_chunks,
     deltas_of,
     direct,
@@ -39,8 +42,6 @@ from tests.tool_helpers import (
 )
 
 USER = [{"role": "user", "content": "What's the weather in Oslo?"}]
-OSLO = Call.of("get_weather", {"city": "Oslo", "unit": "celsius"}, "call_w1")
-TOKYO_TIME = Call.of("get_time", {"timezone": "Asia/Tokyo"}, "call_t2")
 THOUGHT = "The user wants the weather; I should call get_weather for Oslo."
 
 
@@ -62,10 +63,8 @@ async def both(fake: FakeUpstream, server: Any, run: Any) -> tuple[Any, Any]:
     """`run(client)` against the fake directly, then through the gateway."""
     results = []
     for client in (direct(fake), through(server)):
-        try:
+        async with client:
             results.append(await run(client))
-        finally:
-            await client.close()
     return results[0], results[1]
 
 
@@ -82,12 +81,9 @@ async def test_the_fake_streams_tool_calls_the_sdk_assembles(fake_upstream: Fake
         [OSLO, TOKYO_TIME], role=False
     )
     fake_upstream.finish_reason = "tool_calls"
-    client = direct(fake_upstream)
-    try:
+    async with direct(fake_upstream) as client:
         final, done = await stream_final(client, messages=USER, tools=TOOLS)
         whole = await client.chat.completions.create(model="gpt", messages=USER, tools=TOOLS)
-    finally:
-        await client.close()
     expected = [(c.id, c.name, c.arguments) for c in (OSLO, TOKYO_TIME)]
     message = final.choices[0].message
     assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls] == expected
@@ -251,12 +247,9 @@ async def test_regression_a_missing_upstream_id_is_synthesised_litellm_11407(
     assert len(set(ids)) == 2
     later = [item for item in items if item not in firsts]
     assert all(item.get("id") in (None, ids[item["index"]]) for item in later), later
-    client = through(server)
-    try:
+    async with through(server) as client:
         final, _ = await stream_final(client, messages=USER, tools=TOOLS)
         whole = await client.chat.completions.create(model="gpt", messages=USER, tools=TOOLS)
-    finally:
-        await client.close()
     for message in (final.choices[0].message, whole.choices[0].message):
         got = [c.id for c in message.tool_calls or ()]
         assert len(got) == 2 and all(i.startswith("call_") for i in got) and got[0] != got[1]
@@ -276,11 +269,8 @@ async def test_regression_the_opening_role_delta_is_sent_bifrost_6523(
     assert first.get("role") == "assistant", chunks[0]
     roles = [d["role"] for d in deltas_of(chunks) if d.get("role")]
     assert roles == ["assistant"], "the role once, first"
-    client = through(server)
-    try:
+    async with through(server) as client:
         final, _ = await stream_final(client, messages=USER, tools=TOOLS)
-    finally:
-        await client.close()
     assert final.choices[0].message.role == "assistant"
     assert [c.id for c in final.choices[0].message.tool_calls or ()] == ["call_w1"]
 
@@ -406,22 +396,7 @@ async def test_the_sdk_reads_reasoning_content_as_from_a_reasoning_server(
 ROUND_TRIP = [
     {"role": "developer", "content": "Answer with tools when you can."},
     {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo and time in Tokyo?"}]},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {
-                "id": "call_w1",
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": OSLO.arguments},
-            },
-            {
-                "id": "call_t2",
-                "type": "function",
-                "function": {"name": "get_time", "arguments": TOKYO_TIME.arguments},
-            },
-        ],
-    },
+    assistant_calls(OSLO, TOKYO_TIME),
     {"role": "tool", "tool_call_id": "call_w1", "content": "12 °C, rain"},
     {"role": "tool", "tool_call_id": "call_t2", "content": [{"type": "text", "text": "21:04"}]},
 ]
@@ -497,14 +472,11 @@ async def test_an_unknown_field_is_a_400_naming_it(
     assert status == 400, body
     assert body["error"]["code"] == "invalid_request"
     assert "frobnicate_level" in body["error"]["message"]
-    client = through(server)
-    try:
+    async with through(server) as client:
         with pytest.raises(openai.BadRequestError) as error:
             await client.chat.completions.create(
                 model="gpt", messages=USER, stream=True, extra_body={"frobnicate_level": 3}
             )
-    finally:
-        await client.close()
     assert "frobnicate_level" in error.value.message
     assert fake_upstream.requests == []
 
@@ -547,15 +519,12 @@ async def test_n_other_than_1_is_a_400(
     start_gateway: StartGateway, fake_upstream: FakeUpstream
 ) -> None:
     server = await gateway(start_gateway, fake_upstream)
-    client = through(server)
-    try:
+    async with through(server) as client:
         with pytest.raises(openai.BadRequestError) as error:
             await client.chat.completions.create(model="gpt", messages=USER, n=2)
         assert error.value.status_code == 400 and error.value.code == "invalid_request"
         assert "n" in error.value.message
         one = await client.chat.completions.create(model="gpt", messages=USER, n=1)
-    finally:
-        await client.close()
     assert one.choices[0].message.content == "Hello,\n wörld 👋!"
     assert len(fake_upstream.requests) == 1
 
@@ -595,12 +564,9 @@ async def test_bad_tools_are_a_400_on_the_openai_route(
     start_gateway: StartGateway, fake_upstream: FakeUpstream, fields: dict[str, Any]
 ) -> None:
     server = await gateway(start_gateway, fake_upstream)
-    client = through(server)
-    try:
+    async with through(server) as client:
         with pytest.raises(openai.BadRequestError) as error:
             await client.chat.completions.create(model="gpt", messages=USER, stream=True, **fields)
-    finally:
-        await client.close()
     assert error.value.code == "invalid_request"
     assert fake_upstream.requests == []
 
@@ -649,9 +615,8 @@ async def test_an_unsupported_upstream_delta_is_an_explicit_error(
     """Dropping it would end the answer as a plain `stop` (or silently shorter)."""
     fake_upstream.script, before, word = case
     server = await gateway(start_gateway, fake_upstream)
-    client = through(server)
     texts: list[str] = []
-    try:
+    async with through(server) as client:
         # Before any text it is an HTTP status; after some, an error frame: both APIError.
         with pytest.raises(openai.APIError) as streaming:
             stream = await client.chat.completions.create(model="gpt", messages=USER, stream=True)
@@ -659,8 +624,6 @@ async def test_an_unsupported_upstream_delta_is_an_explicit_error(
                 texts += [c.delta.content for c in chunk.choices if c.delta.content]
         with pytest.raises(openai.APIStatusError) as whole:
             await client.chat.completions.create(model="gpt", messages=USER)
-    finally:
-        await client.close()
     assert "".join(texts) == before, "the text before it arrives, nothing after"
     assert streaming.value.code == "upstream_error"
     assert word in streaming.value.message.lower()

@@ -23,12 +23,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from tests.conftest import TEST_API_KEY, TEST_KEY_CONFIG, UNLIMITED, StartGateway, require_binary
-from tests.helpers import read_ndjson, text_of
+from tests.helpers import bearer, read_ndjson, stream, text_of
 from tests.redis_server import RedisProcess, TlsUnsupportedError, make_tls_files
 
 PACED = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 100, "first_token_ms": 0}
 BODY = {"prompt": "Explain vector databases.", "max_tokens": 60, "seed": 11}
-AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
+AUTH = bearer(TEST_API_KEY)
 
 
 @pytest.fixture
@@ -112,9 +112,8 @@ async def test_a_generation_resumes_on_another_replica_through_tls_redis(
     start_gateway: StartGateway, tls_redis: RedisProcess
 ) -> None:
     a, b = [await start_gateway(**both_backends_on(tls_redis)) for _ in range(2)]
+    expected = text_of((await stream(a, "chunked", BODY)).events)
     async with aiohttp.ClientSession() as session:
-        async with session.post(a.make_url("/v1/stream/chunked"), json=BODY) as response:
-            expected = text_of(await read_ndjson(response))
         # Start on A, read a few tokens, hang up.
         async with session.post(a.make_url("/v1/stream/chunked"), json=BODY) as response:
             assert response.status == 200

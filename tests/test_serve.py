@@ -5,22 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
-import aiohttp
-
 from tests.gateway_process import wait_healthy
-from tests.helpers import assert_well_formed, read_ndjson
+from tests.helpers import assert_well_formed, stream
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_process(port: int, **overrides: str) -> asyncio.subprocess.Process:
@@ -46,10 +38,8 @@ async def test_python_m_gateway_serves_the_default_config() -> None:
     port = free_port()
     process = await start_process(port)
     try:
-        async with aiohttp.ClientSession() as session:
-            body = {"prompt": "Explain vector databases.", "max_tokens": 5, "seed": 1}
-            async with session.post(f"http://127.0.0.1:{port}/v1/stream/chunked", json=body) as r:
-                events = await read_ndjson(r)
+        body = {"prompt": "Explain vector databases.", "max_tokens": 5, "seed": 1}
+        events = (await stream(f"http://127.0.0.1:{port}", "chunked", body)).events
         assert_well_formed(events)
         assert events[0]["model"] == "sim-1" and events[-1]["finish_reason"] == "length"
     finally:

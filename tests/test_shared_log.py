@@ -17,10 +17,10 @@ import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestServer
 
-from gateway import shared_log
+from gateway import shared_log, shared_log_reader
 from gateway.keys import registry_key, shared_log_key
-from tests.conftest import StartGateway
-from tests.helpers import read_ndjson, read_sse, text_of
+from tests.conftest import TEST_API_KEY, StartGateway
+from tests.helpers import bearer, ndjson_events, read_ndjson, read_sse, stream, text_of, ws_frames
 from tests.redis_server import RedisProcess
 
 PACED = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 100, "first_token_ms": 0}
@@ -37,10 +37,18 @@ async def replicas(
     ]
 
 
+Pair = tuple[TestServer, TestServer]
+
+
+@pytest.fixture
+async def pair(start_gateway: StartGateway, redis_server: RedisProcess) -> Pair:
+    """Replicas A and B on `redis_server`, with the module's defaults."""
+    a, b = await replicas(start_gateway, redis_server)
+    return a, b
+
+
 async def reference_text(server: TestServer) -> str:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/chunked"), json=BODY) as response:
-            return text_of(await read_ndjson(response))
+    return text_of((await stream(server, "chunked", BODY)).events)
 
 
 async def start_and_drop(server: TestServer, tokens: int = 5) -> tuple[str, list[dict[str, Any]]]:
@@ -53,10 +61,8 @@ async def start_and_drop(server: TestServer, tokens: int = 5) -> tuple[str, list
     return events[0]["generation_id"], events
 
 
-async def test_resume_on_another_replica_by_every_transport(
-    start_gateway: StartGateway, redis_server: RedisProcess
-) -> None:
-    a, b = await replicas(start_gateway, redis_server)
+async def test_resume_on_another_replica_by_every_transport(pair: Pair) -> None:
+    a, b = pair
     expected = await reference_text(a)
     async with aiohttp.ClientSession() as session:
         # SSE: Last-Event-ID of the last event seen on A.
@@ -86,9 +92,7 @@ async def test_resume_on_another_replica_by_every_transport(
                     "after_seq": seen[-1]["seq"],
                 }
             )
-            rest = []
-            while not rest or rest[-1]["type"] not in {"done", "error"}:
-                rest.append(await ws.receive_json(timeout=5))
+            rest = await ws_frames(ws, "r", timeout=5)
         assert text_of(seen) + text_of(rest) == expected
         # A finished log is resumable on B too, and a resume past its end is 204.
         headers = {"Last-Event-ID": f"{generation_id}:0"}
@@ -100,13 +104,11 @@ async def test_resume_on_another_replica_by_every_transport(
             assert response.status == 204
 
 
-async def test_another_principal_gets_404_on_the_other_replica(
-    start_gateway: StartGateway, redis_server: RedisProcess
-) -> None:
-    a, b = await replicas(start_gateway, redis_server)
+async def test_another_principal_gets_404_on_the_other_replica(pair: Pair) -> None:
+    a, b = pair
     generation_id, _ = await start_and_drop(a)
-    headers = {"Authorization": "Bearer gw_test_key_for_the_suite"}  # key:test, not anonymous
-    async with aiohttp.ClientSession(headers=headers) as session:
+    # key:test, not anonymous
+    async with aiohttp.ClientSession(headers=bearer(TEST_API_KEY)) as session:
         url = b.make_url(f"/v1/generations/{generation_id}/events")
         async with session.get(url) as response:
             assert response.status == 404
@@ -114,10 +116,8 @@ async def test_another_principal_gets_404_on_the_other_replica(
             assert response.status == 404
 
 
-async def test_cancel_from_another_replica_stops_the_owner(
-    start_gateway: StartGateway, redis_server: RedisProcess
-) -> None:
-    a, b = await replicas(start_gateway, redis_server)
+async def test_cancel_from_another_replica_stops_the_owner(pair: Pair) -> None:
+    a, b = pair
     app_a = a.app
     assert app_a is not None
     async with aiohttp.ClientSession() as session:
@@ -160,9 +160,9 @@ async def test_a_reader_on_another_replica_counts_as_attached(
 
 
 async def test_redis_down_leaves_local_streams_alone_and_recovers(
-    start_gateway: StartGateway, redis_server: RedisProcess
+    pair: Pair, redis_server: RedisProcess
 ) -> None:
-    a, b = await replicas(start_gateway, redis_server)
+    a, b = pair
     expected = await reference_text(a)
     async with aiohttp.ClientSession() as session:
         async with session.post(a.make_url("/v1/stream/chunked"), json=BODY) as response:
@@ -200,7 +200,7 @@ async def test_redis_down_leaves_local_streams_alone_and_recovers(
 async def test_a_replica_that_dies_leaves_a_log_that_ends(
     start_gateway: StartGateway, redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shared_log, "READ_BLOCK_MS", 200)
+    monkeypatch.setattr(shared_log_reader, "READ_BLOCK_MS", 200)
     a, b = await replicas(start_gateway, redis_server, shared_log_lease_s=0.6, retention_s=1)
     app_a = a.app
     assert app_a is not None
@@ -210,9 +210,7 @@ async def test_a_replica_that_dies_leaves_a_log_that_ends(
     log_a = app_a[shared_log_key]
     for task in log_a._tasks:
         task.cancel()
-    log_a._queue = lambda generation, event: None  # type: ignore[method-assign]
-    for generation in list(log_a._owned.values()):
-        generation.on_append = None
+    log_a.append = lambda generation_id, event: None  # type: ignore[method-assign]
     headers = {"Last-Event-ID": f"{generation_id}:{seen[-1]['seq']}"}
     async with aiohttp.ClientSession() as session:
         async with asyncio.timeout(5):
@@ -231,12 +229,10 @@ async def test_a_replica_that_dies_leaves_a_log_that_ends(
         await client.aclose()
 
 
-async def test_a_generation_is_resumable_elsewhere_as_soon_as_its_start_arrives(
-    start_gateway: StartGateway, redis_server: RedisProcess
-) -> None:
+async def test_a_generation_is_resumable_elsewhere_as_soon_as_its_start_arrives(pair: Pair) -> None:
     """The `start` frame reaches the client before the owner's flusher writes the
     meta; the other replica waits for it instead of answering 404 (CI saw that race)."""
-    a, b = await replicas(start_gateway, redis_server)
+    a, b = pair
     async with aiohttp.ClientSession() as session:
         for _ in range(10):
             body = {**BODY, "max_tokens": 5}
@@ -273,12 +269,12 @@ async def test_a_queue_that_cannot_drain_ends_the_answer_with_an_error_not_a_gap
 
 
 async def test_a_follower_that_loses_redis_gets_an_error_event_not_a_second_response(
-    start_gateway: StartGateway, redis_server: RedisProcess
+    pair: Pair, redis_server: RedisProcess
 ) -> None:
     """The headers of the follower's stream are out when Redis goes: its failure
     must be the stream's last event (a second HTTP response inside the chunked
     body is a protocol error for every client)."""
-    a, b = await replicas(start_gateway, redis_server)
+    a, b = pair
     async with aiohttp.ClientSession() as session:
         body = {**BODY, "max_tokens": 400, "on_disconnect": "finish"}
         async with session.post(a.make_url("/v1/generations"), json=body) as created:
@@ -291,19 +287,17 @@ async def test_a_follower_that_loses_redis_gets_an_error_event_not_a_second_resp
             redis_server.kill()
             rest = await response.read()
     assert b"HTTP/1.1" not in rest
-    events = [orjson.loads(first)] + [orjson.loads(x) for x in rest.split(b"\n") if x.strip()]
+    events = [orjson.loads(first), *ndjson_events(rest)]
     assert events[-1]["type"] == "error" and events[-1]["retryable"] is True
     assert [e["seq"] for e in events] == list(range(len(events)))
 
 
-async def test_a_thousand_followers_on_one_replica_starve_nothing(
-    start_gateway: StartGateway, redis_server: RedisProcess
-) -> None:
+async def test_a_thousand_followers_on_one_replica_starve_nothing(pair: Pair) -> None:
     """1,000 followers on replica B of 20 generations that A is streaming: on
     redis-py's default pool (100 connections) about half failed and leases
     expired into false errors; each follower must get its generation's whole
     log, exactly, ending as the owner's does."""
-    a, b = await replicas(start_gateway, redis_server)
+    a, b = pair
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         ids = []

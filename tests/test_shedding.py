@@ -15,9 +15,8 @@ from gateway.shedding import (
     stream_cap,
 )
 from tests.gateway_process import NO_LIMITS, start_gateway_process
-from tests.helpers import read_ndjson
-from tests.test_hostile_clients import scrape_value
-from tests.test_serve import free_port
+from tests.helpers import read_ndjson, scrape_value
+from tests.redis_server import free_port
 
 
 class Clock:

@@ -15,6 +15,7 @@ from gateway.errors import UpstreamError
 from gateway.providers.base import Finish, Reasoning, ToolCallDelta
 from gateway.providers.simulated import SimulatedProvider, _tokenize
 from gateway.schema import GenerationRequest
+from tests.tool_helpers import function_tool
 
 PROMPT = "How do vector databases scale?"
 EMOJI = ("🚀", "✨", "👍🏽")
@@ -240,34 +241,22 @@ async def test_kind_and_aclose() -> None:
 # -- thinking and tool calls -----------------------------------------------------
 
 
-def function(name: str, properties: dict[str, Any] | None = None, *required: str) -> dict[str, Any]:
-    parameters = {"type": "object", "properties": properties or {}, "required": list(required)}
-    return {"type": "function", "function": {"name": name, "parameters": parameters}}
-
-
-CALCULATE = function("calculate", {"expression": {"type": "string"}}, "expression")
-CLOCK = function("get_current_time", {"timezone": {"type": "string"}})
-WEATHER = function(
-    "getCurrentWeather",
-    {
-        "city": {"type": "string"},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer", "minimum": 3},
-        "hourly": {"type": "boolean"},
-        "where": {
-            "type": "object",
-            "properties": {"lat": {"type": "number"}, "note": {"type": "string"}},
-            "required": ["lat"],
-        },
-        "tags": {"type": "array"},
+CALCULATE = function_tool("calculate", {"expression": {"type": "string"}}, ["expression"])
+CLOCK = function_tool("get_current_time", {"timezone": {"type": "string"}}, [])
+#: An argument of each JSON schema kind, all required, for the simulated model to fill.
+WEATHER_ARGUMENTS = {
+    "city": {"type": "string"},
+    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    "days": {"type": "integer", "minimum": 3},
+    "hourly": {"type": "boolean"},
+    "where": {
+        "type": "object",
+        "properties": {"lat": {"type": "number"}, "note": {"type": "string"}},
+        "required": ["lat"],
     },
-    "city",
-    "unit",
-    "days",
-    "hourly",
-    "where",
-    "tags",
-)
+    "tags": {"type": "array"},
+}
+WEATHER = function_tool("getCurrentWeather", WEATHER_ARGUMENTS, list(WEATHER_ARGUMENTS))
 
 
 async def items_of(req: GenerationRequest, sim: SimulatedModel | None = None) -> list[Any]:

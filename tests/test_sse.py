@@ -13,22 +13,18 @@ from aiohttp_sse import EventSourceResponse
 from gateway.events import Event
 from gateway.transports.sse import encode_sse
 from tests.conftest import StartGateway
-from tests.helpers import assert_well_formed, read_sse, text_of
-from tests.sse_parser import SseParser
+from tests.helpers import assert_well_formed, read_sse, read_sse_frames, stream, text_of
 
 BODY = {"prompt": "Explain vector databases.", "max_tokens": 60, "seed": 11}
 PACED = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 400, "first_token_ms": 0}
 
 
 async def test_post_streams_frames_with_ids_and_retry(start_gateway: StartGateway) -> None:
-    server = await start_gateway()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(server.make_url("/v1/stream/sse"), json=BODY) as response:
-            assert response.status == 200
-            assert response.headers["Content-Type"] == "text/event-stream"
-            assert response.headers["Cache-Control"] == "no-cache"
-            assert response.headers["X-Accel-Buffering"] == "no"
-            events, parser = await read_sse(response)
+    streamed = await stream(await start_gateway(), "sse", BODY)
+    unbuffered = {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+    assert streamed.status == 200 and unbuffered.items() <= streamed.headers.items(), streamed
+    assert streamed.headers["Cache-Control"] == "no-cache"
+    events, parser = streamed.events, streamed.frames
     assert_well_formed(events)
     generation_id = events[0]["generation_id"]
     assert [e.id for e in parser.events] == [f"{generation_id}:{e['seq']}" for e in events]
@@ -73,21 +69,9 @@ async def test_our_frames_equal_aiohttp_sse_send() -> None:
 async def test_pings_while_waiting_for_the_first_token(start_gateway: StartGateway) -> None:
     model = {**PACED, "first_token_ms": 800}
     server = await start_gateway(models=[model], streams={"heartbeat_s": 0.2})
-    async with aiohttp.ClientSession() as session:
-        body = {**BODY, "max_tokens": 2}
-        async with session.post(server.make_url("/v1/stream/sse"), json=body) as response:
-            events, parser = await read_sse(response)
-    assert parser.comments.count("ping") >= 2
-    assert_well_formed(events)
-
-
-async def read_until_drop(response: aiohttp.ClientResponse, keep: int) -> SseParser:
-    parser = SseParser()
-    async for chunk in response.content.iter_any():
-        parser.feed(chunk)
-        if len(parser.events) >= keep:
-            break
-    return parser
+    streamed = await stream(server, "sse", {**BODY, "max_tokens": 2})
+    assert streamed.frames.comments.count("ping") >= 2
+    assert_well_formed(streamed.events)
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
@@ -106,7 +90,7 @@ async def test_resume_by_last_event_id_is_exact(start_gateway: StartGateway, met
                 response = await session.get(url, params=query)
             else:
                 response = await session.post(url, json=BODY)
-            parser = await read_until_drop(response, keep)
+            parser = await read_sse_frames(response, until=keep)
             response.close()  # the connection drops: no more bytes are read from it
             seen = [orjson.loads(e.data) for e in parser.events]
             headers = {"Last-Event-ID": parser.last_event_id}
@@ -148,7 +132,5 @@ async def test_slow_first_token_does_not_block_headers(start_gateway: StartGatew
     async with aiohttp.ClientSession() as session:
         async with asyncio.timeout(1):
             async with session.post(server.make_url("/v1/stream/sse"), json=BODY) as response:
-                parser = SseParser()
-                while not parser.events:
-                    parser.feed(await response.content.readany())
+                parser = await read_sse_frames(response, until=1)
     assert parser.events[0].event == "start"

@@ -19,7 +19,7 @@ from tests.conftest import TEST_API_KEY, TEST_KEY_CONFIG, UNLIMITED, StartGatewa
 from tests.redis_server import RedisProcess
 
 AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
-MODEL = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 0, "first_token_ms": 0}
+MODEL = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 1000, "first_token_ms": 0}
 
 
 async def single_use_replicas(
@@ -28,7 +28,7 @@ async def single_use_replicas(
     auth: dict[str, Any] = {
         "anonymous": False,
         "api_keys": [{**TEST_KEY_CONFIG, "limits": UNLIMITED}],
-        "ticket_secret": "one-secret-for-every-replica",
+        "ticket_secret": "one-secret-shared-by-every-replica-of-it",
         "tickets_single_use": True,
     }
     sections: dict[str, Any] = {"auth": auth, "models": [MODEL], "redis": {"url": redis_server.url}}

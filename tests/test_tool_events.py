@@ -30,60 +30,56 @@ from tests.fake_upstream import (
 from tests.helpers import assert_well_formed, read_ndjson, read_sse, text_of
 from tests.redis_server import RedisProcess
 from tests.tool_helpers import (
+    OSLO,
     SIM,
+    TOKYO_TIME,
     TOOLS,
     WEATHER_TOOL,
     Events,
+    assistant_calls,
     calls_from_events,
+    function_tool,
     gateway,
     parsed,
     strip,
 )
 
 USER = [{"role": "user", "content": "What's the weather in Oslo, and the time in Tokyo?"}]
-OSLO = Call.of("get_weather", {"city": "Oslo", "unit": "celsius"}, "call_w1")
-TOKYO_TIME = Call.of("get_time", {"timezone": "Asia/Tokyo"}, "call_t2")
 THINKING = ("Two ", "lookups: ", "weather, then time.")
 THINKER = {**SIM, "reasoning_tokens": 4}
 
-BOOK_TRIP: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "book_trip",
-        "parameters": {
+BOOK_TRIP = function_tool(
+    "book_trip",
+    {
+        "destination": {"type": "string"},
+        "cabin": {"type": "string", "enum": ["economy", "business"]},
+        "nights": {"type": "integer", "minimum": 3},
+        "travellers": {"type": "integer"},
+        "budget": {"type": "number", "minimum": 99.5},
+        "refundable": {"type": "boolean"},
+        "stops": {"type": "array", "items": {"type": "string"}},
+        "contact": {
             "type": "object",
             "properties": {
-                "destination": {"type": "string"},
-                "cabin": {"type": "string", "enum": ["economy", "business"]},
-                "nights": {"type": "integer", "minimum": 3},
-                "travellers": {"type": "integer"},
-                "budget": {"type": "number", "minimum": 99.5},
-                "refundable": {"type": "boolean"},
-                "stops": {"type": "array", "items": {"type": "string"}},
-                "contact": {
-                    "type": "object",
-                    "properties": {
-                        "email": {"type": "string"},
-                        "phone": {"type": "string"},
-                        "age": {"type": "integer", "minimum": 18},
-                    },
-                    "required": ["email", "age"],
-                },
-                "note": {"type": "string"},
+                "email": {"type": "string"},
+                "phone": {"type": "string"},
+                "age": {"type": "integer", "minimum": 18},
             },
-            "required": [
-                "destination",
-                "cabin",
-                "nights",
-                "travellers",
-                "budget",
-                "refundable",
-                "stops",
-                "contact",
-            ],
+            "required": ["email", "age"],
         },
+        "note": {"type": "string"},
     },
-}
+    required=[
+        "destination",
+        "cabin",
+        "nights",
+        "travellers",
+        "budget",
+        "refundable",
+        "stops",
+        "contact",
+    ],
+)
 
 
 # -- clients: each returns the events of one generation ---------------------------
@@ -319,17 +315,7 @@ async def test_simulated_answers_in_text_from_a_tool_result(
     server = await gateway(start_gateway, fake_upstream, sim=THINKER)
     messages = [
         {"role": "user", "content": "Is the weather nice in Oslo?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
-                }
-            ],
-        },
+        assistant_calls(Call("get_weather", '{"city":"Oslo"}', "call_1")),
         {"role": "tool", "tool_call_id": "call_1", "content": "14 degrees and sunny"},
     ]
     body = {"model": "sim-1", "messages": messages, "tools": TOOLS, "tool_choice": "auto"}
@@ -392,17 +378,7 @@ FULL_SHAPE: dict[str, Any] = {
     "messages": [
         {"role": "developer", "content": "Use the tools."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_w1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": OSLO.arguments},
-                }
-            ],
-        },
+        assistant_calls(OSLO),
         {"role": "tool", "tool_call_id": "call_w1", "content": "12 °C, rain"},
     ],
     "tools": TOOLS,

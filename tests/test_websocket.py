@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import defaultdict
-from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import StartGateway
-from tests.helpers import assert_well_formed, read_ndjson, text_of
+from tests.helpers import assert_well_formed, stream, text_of, ws_streams
 
 PACED = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 300, "first_token_ms": 0}
-
-
-async def collect(ws: aiohttp.ClientWebSocketResponse, request_ids: set[str]) -> dict[str, list]:
-    """Read frames until every request id has its terminal event."""
-    streams: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    pending = set(request_ids)
-    async with asyncio.timeout(10):
-        while pending:
-            frame = await ws.receive_json()
-            streams[frame["request_id"]].append(frame)
-            if frame["type"] in {"done", "error"}:
-                pending.discard(frame["request_id"])
-    return streams
 
 
 async def test_generate_streams_events_with_ids(start_gateway: StartGateway) -> None:
@@ -38,7 +23,7 @@ async def test_generate_streams_events_with_ids(start_gateway: StartGateway) -> 
         await ws.send_json(
             {"type": "generate", "request_id": "r1", "prompt": "hi", "max_tokens": 20, "seed": 3}
         )
-        events = (await collect(ws, {"r1"}))["r1"]
+        events = (await ws_streams(ws, {"r1"}))["r1"]
     assert_well_formed(events)
     generation_id = events[0]["generation_id"]
     assert all(e["generation_id"] == generation_id and e["request_id"] == "r1" for e in events)
@@ -47,12 +32,9 @@ async def test_generate_streams_events_with_ids(start_gateway: StartGateway) -> 
 
 async def test_many_generations_on_one_socket(start_gateway: StartGateway) -> None:
     server = await start_gateway(models=[PACED], streams={"max_per_socket": 4})
+    body = {"prompt": "hi", "max_tokens": 30, "seed": 1}
+    reference = text_of((await stream(server, "chunked", body)).events)
     async with aiohttp.ClientSession() as session:
-        async with session.post(
-            server.make_url("/v1/stream/chunked"),
-            json={"prompt": "hi", "max_tokens": 30, "seed": 1},
-        ) as response:
-            reference = text_of(await read_ndjson(response))
         async with session.ws_connect(server.make_url("/v1/stream/ws")) as ws:
             for n in range(4):
                 await ws.send_json(
@@ -65,7 +47,7 @@ async def test_many_generations_on_one_socket(start_gateway: StartGateway) -> No
                     }
                 )
             await ws.send_json({"type": "generate", "request_id": "r4", "prompt": "hi"})
-            streams = await collect(ws, {"r0", "r1", "r2", "r3", "r4"})
+            streams = await ws_streams(ws, {"r0", "r1", "r2", "r3", "r4"})
     assert streams["r4"][0]["type"] == "error" and streams["r4"][0]["code"] == "rate_limited"
     for n in range(4):
         assert_well_formed(streams[f"r{n}"])
@@ -86,7 +68,7 @@ async def test_cancel_stops_one_generation(start_gateway: StartGateway) -> None:
             )
         await asyncio.sleep(0.1)
         await ws.send_json({"type": "cancel", "request_id": "a"})
-        streams = await collect(ws, {"a", "b"})
+        streams = await ws_streams(ws, {"a", "b"})
     assert streams["a"][-1]["type"] == "done" and streams["a"][-1]["finish_reason"] == "cancelled"
     assert streams["a"][-1]["usage"]["completion_tokens"] < 20
     assert streams["b"][-1]["finish_reason"] == "length"
@@ -107,7 +89,7 @@ async def test_resume_after_reconnect_is_exact(start_gateway: StartGateway) -> N
                     "seed": 5,
                 }
             )
-            reference = (await collect(ws, {"ref"}))["ref"]
+            reference = (await ws_streams(ws, {"ref"}))["ref"]
         for _ in range(3):
             keep = rng.randint(1, 70)
             seen = []
@@ -127,7 +109,7 @@ async def test_resume_after_reconnect_is_exact(start_gateway: StartGateway) -> N
                         "after_seq": seen[-1]["seq"],
                     }
                 )
-                rest = (await collect(ws2, {"g2"}))["g2"]
+                rest = (await ws_streams(ws2, {"g2"}))["g2"]
             assert_well_formed(seen + rest)
             assert text_of(seen + rest) == text_of(reference)
 
@@ -142,7 +124,7 @@ async def test_resume_at_or_past_the_end_gets_the_terminal_event(
         async with session.ws_connect(url) as ws:
             body = {"prompt": "hi", "max_tokens": 5, "seed": 5}
             await ws.send_json({"type": "generate", "request_id": "g", **body})
-            events = (await collect(ws, {"g"}))["g"]
+            events = (await ws_streams(ws, {"g"}))["g"]
             for after_seq in (events[-1]["seq"], events[-1]["seq"] + 10):
                 await ws.send_json(
                     {
@@ -152,7 +134,7 @@ async def test_resume_at_or_past_the_end_gets_the_terminal_event(
                         "after_seq": after_seq,
                     }
                 )
-                (terminal,) = (await collect(ws, {f"r{after_seq}"}))[f"r{after_seq}"]
+                (terminal,) = (await ws_streams(ws, {f"r{after_seq}"}))[f"r{after_seq}"]
                 assert terminal["type"] == "done" and terminal["seq"] == events[-1]["seq"]
 
 
@@ -185,7 +167,7 @@ async def test_bad_messages_get_an_error_frame_and_the_socket_stays_open(
         await ws.send_json(
             {"type": "generate", "request_id": "ok", "prompt": "hi", "max_tokens": 3}
         )
-        events = (await collect(ws, {"ok"}))["ok"]
+        events = (await ws_streams(ws, {"ok"}))["ok"]
         assert events[-1]["type"] == "done"
 
 

@@ -1,13 +1,15 @@
-"""Shared setup of the tool-call and reasoning tests (test_openai_tools, test_tool_events).
+"""Shared setup of the tests of the openai provider, tool calls and reasoning.
 
 A gateway whose default model is `provider: openai` pointing at a
-`FakeUpstream`, next to a simulated `sim-1`; clients that read OpenAI's
-chunks raw; and what a stream of tool-call fragments adds up to.
+`FakeUpstream`, next to a simulated `sim-1`; the official SDK pointed at
+either; clients that read OpenAI's chunks raw; the tools and the messages
+requests carry; and what a stream of tool-call fragments adds up to.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -16,7 +18,7 @@ import orjson
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import TEST_API_KEY, StartGateway
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import Call, FakeUpstream
 from tests.helpers import SECRET, openai_model
 from tests.sse_parser import SseParser
 
@@ -24,34 +26,55 @@ AUTH = {"Authorization": f"Bearer {TEST_API_KEY}"}
 SIM = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 5000, "first_token_ms": 0}
 Events = list[dict[str, Any]]
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string"},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city"],
-        },
-    },
-}
-TIME_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The local time in a timezone.",
-        "parameters": {
-            "type": "object",
-            "properties": {"timezone": {"type": "string"}},
-            "required": ["timezone"],
-        },
-    },
-}
+
+def function_tool(
+    name: str,
+    properties: dict[str, Any],
+    required: Sequence[str] | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """A `tools` entry as OpenAI's API takes it: a function and its arguments' JSON schema."""
+    function: dict[str, Any] = {"name": name}
+    if description is not None:
+        function["description"] = description
+    function["parameters"] = {"type": "object", "properties": properties}
+    if required is not None:
+        function["parameters"]["required"] = list(required)
+    return {"type": "function", "function": function}
+
+
+def assistant_calls(*calls: Call, content: str | None = None) -> dict[str, Any]:
+    """The assistant message that made `calls`, as a client sends it back with their results."""
+    return {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in calls
+        ],
+    }
+
+
+WEATHER_TOOL = function_tool(
+    "get_weather",
+    {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    required=["city"],
+    description="The current weather in a city.",
+)
+TIME_TOOL = function_tool(
+    "get_time",
+    {"timezone": {"type": "string"}},
+    required=["timezone"],
+    description="The local time in a timezone.",
+)
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
+#: The calls a scripted model makes with them.
+OSLO = Call.of("get_weather", {"city": "Oslo", "unit": "celsius"}, "call_w1")
+TOKYO_TIME = Call.of("get_time", {"timezone": "Asia/Tokyo"}, "call_t2")
 
 
 async def gateway(
