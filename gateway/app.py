@@ -12,6 +12,7 @@ from gateway.access import access_middleware, add_cors_headers
 from gateway.access_log import observe_middleware, record_status
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
+from gateway.chat_index import MemoryChatIndex, RedisChatIndex
 from gateway.config import Settings
 from gateway.drain import CLOSE_BUDGET_S, close_websockets, stop_streams
 from gateway.health import get_healthz, get_readyz, list_models
@@ -19,6 +20,7 @@ from gateway.keys import (
     Lifecycle,
     authenticator_key,
     catalog_key,
+    chat_index_key,
     lifecycle_key,
     limiter_key,
     metrics_key,
@@ -48,6 +50,7 @@ from gateway.transports.generations import (
 )
 from gateway.transports.openai_compat import chat_completions
 from gateway.transports.sse import stream_sse
+from gateway.transports.ui_stream import resume_ui, stop_ui, stream_ui
 from gateway.transports.websocket import stream_ws
 
 
@@ -84,6 +87,9 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[metrics_key]
     on_ended = partial(observe_generation, metrics) if metrics.enabled else None
     app[registry_key] = GenerationRegistry(settings.streams, shared_log, on_ended)
+    app[chat_index_key] = (
+        MemoryChatIndex() if shared_log is None else RedisChatIndex(shared_log.control)
+    )
     yield
     await app[registry_key].aclose()
     if shared_log is not None:
@@ -108,6 +114,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/generations", create_generation)
     app.router.add_get("/v1/generations/{generation_id}/events", generation_events)
     app.router.add_delete("/v1/generations/{generation_id}", delete_generation)
+    app.router.add_post("/v1/stream/ui", stream_ui)
+    app.router.add_get("/v1/stream/ui/{chat_id}/stream", resume_ui)
+    app.router.add_delete("/v1/stream/ui/{chat_id}/stream", stop_ui)
     app.router.add_post("/v1/tickets", create_ticket)
     add_static_routes(app)
 

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.auth import ANONYMOUS_ID, Authenticator, Principal
 from gateway.catalog import ModelCatalog
+from gateway.chat_index import ChatIndex
 from gateway.config import Limits, Settings
 from gateway.metrics import GatewayMetrics
 from gateway.ratelimit import RateLimiter
@@ -44,6 +45,8 @@ limiter_key = web.AppKey("limiter", RateLimiter)
 metrics_key = web.AppKey("metrics", GatewayMetrics)
 #: Only with `streams.backend: redis`.
 shared_log_key = web.AppKey("shared_log", SharedLog)
+#: Each chat's latest generation, for `useChat`'s reconnects (memory, or Redis).
+chat_index_key = web.AppKey("chat_index", ChatIndex)
 #: Open WebSocket sessions, closed with 1012 at the end of a drain.
 websockets_key: web.AppKey[set[OpenSocket]] = web.AppKey("websockets")
 #: Open WebSockets per principal's rate key (`streams.max_sockets_per_principal`).

@@ -31,12 +31,12 @@ from prometheus_client import (
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
-Transport = Literal["chunked", "sse", "websocket", "openai"]
+Transport = Literal["chunked", "sse", "websocket", "openai", "ui"]
 Outcome = Literal[
     "completed", "client_disconnected", "cancelled", "upstream_error", "timeout", "shutdown"
 ]
 
-TRANSPORTS: Final = ("chunked", "sse", "websocket", "openai")
+TRANSPORTS: Final = ("chunked", "sse", "websocket", "openai", "ui")
 OUTCOMES: Final = (
     "completed",
     "client_disconnected",

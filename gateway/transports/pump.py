@@ -21,7 +21,7 @@ from aiohttp import web
 from gateway.admission import following
 from gateway.config import StreamSettings
 from gateway.events import Event
-from gateway.generation_log import GenerationLog, LogSubscription
+from gateway.generation_log import GenerationLog, LogSubscription, Push
 from gateway.keys import settings_key
 from gateway.metrics import Transport
 from gateway.stream_tracker import StreamTracker, end_stream, track_stream
@@ -66,6 +66,16 @@ class HttpWire:
 
     def frames(self, batch: list[Event]) -> bytes:
         return b"".join(map(self.encode, batch))
+
+    def pusher(
+        self, response: web.StreamResponse, sink: ClientSink, tracker: StreamTracker
+    ) -> Push:
+        """How the generation writes tokens to a caught-up reader (`push.py`).
+
+        A refused push hands the same events to `frames` next: a wire whose
+        encoding has state must undo what the refused encoding changed.
+        """
+        return http_pusher(response, sink, tracker, self.encode)
 
 
 async def finish_response(response: web.StreamResponse) -> None:
@@ -122,7 +132,7 @@ async def _pump(
     wire: HttpWire,
     first: list[Event] | None,
 ) -> None:
-    push = http_pusher(response, sink, tracker, wire.encode)
+    push = wire.pusher(response, sink, tracker)
     async with wire.scope(response), sink:
         out = wire.preamble(first)
         batch = first if first is not None else await subscription.next_batch()
