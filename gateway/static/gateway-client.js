@@ -21,6 +21,19 @@
 // `runAgent` runs the tool loop: it calls the app's tool functions and goes
 // on with the conversation (OpenAI's `tools` / `messages` shapes) until the
 // model answers in text, up to `maxSteps` model calls.
+//
+// `stopChat(options, chatId)` is the explicit stop for the AI SDK UI message
+// stream route (`POST /v1/stream/ui`, what `useChat` talks to): `DELETE
+// /v1/stream/ui/{chatId}/stream` cancels the chat's running generation and
+// resolves `true`, or `false` when nothing was running. `useChat`'s `stop()`
+// only aborts its fetch, which the server cannot tell from a dropped
+// connection (that one may be resumed), so call both:
+//
+//   const { stop } = useChat({ id: chatId, transport, resume: true });
+//   const onStop = () => { stop(); stopChat({ baseUrl, token }, chatId); };
+//
+// As a package (types in gateway-client.d.ts): `npm install
+// <repo>/gateway/static`, then `import { stream, stopChat } from 'gateway-client'`.
 
 const DEFAULTS = {
   baseUrl: '',
@@ -531,6 +544,35 @@ export async function deleteGeneration(options, generationId) {
     headers: await authHeaders(o, {}),
   });
   if (!response.ok && response.status !== 404) throw await httpError(response);
+}
+
+/**
+ * `DELETE /v1/stream/ui/{chatId}/stream`: stop the AI SDK UI stream chat's running
+ * generation (the explicit stop that `useChat`'s `stop()`, a mere fetch abort, cannot
+ * express). Resolves `true` when a running generation was cancelled (200, with
+ * `{"cancelled": true, "generation_id": …}`), `false` when the chat had nothing running
+ * (204); any other answer rejects with a GatewayError carrying the gateway's error code.
+ *
+ * @param {{baseUrl?: string, token?: string|(() => string|Promise<string>),
+ *          headers?: Record<string, string>, withCredentials?: boolean}} options
+ * @param {string} chatId the `id` the chat was posted with (`useChat({id})`)
+ * @returns {Promise<boolean>}
+ */
+export async function stopChat(options, chatId) {
+  if (typeof chatId !== 'string' || chatId === '') {
+    throw new TypeError('stopChat: chatId must be a non-empty string');
+  }
+  const o = { ...DEFAULTS, ...options };
+  const url = urlFor(o, `/v1/stream/ui/${encodeURIComponent(chatId)}/stream`);
+  const response = await fetch(url, {
+    ...fetchInit(o),
+    method: 'DELETE',
+    headers: await authHeaders(o, { Accept: 'application/json' }),
+  });
+  if (!response.ok) throw await httpError(response);
+  if (response.status === 204) return false;
+  const body = await response.json().catch(() => null);
+  return body && typeof body.cancelled === 'boolean' ? body.cancelled : true;
 }
 
 /** `GET /v1/models` → list of model ids. */
