@@ -6,7 +6,9 @@ of the same principal. With `streams.backend: redis` the entry is in Redis,
 so the reconnect may land on any replica; otherwise it is in this process.
 
 An entry also keeps the id of the assistant message the answer was written
-into (`start.messageId`), so that a replay names the same message.
+into (`start.messageId`), so that a replay names the same message, and,
+when the answer continues a message (a tool's output sent back), that
+message's earlier parts: the SDK rebuilds the message from the replay.
 Entries outlive their generation (a reconnect then gets a 204 from the
 route), bounded in number here and by a TTL in Redis.
 """
@@ -36,6 +38,8 @@ MAX_MEMORY_ENTRIES = 100_000
 class ChatEntry:
     generation_id: str
     message_id: str
+    #: The continued message's earlier parts as chunks, for a replay (see ui_stream).
+    earlier_parts: bytes = b""
 
 
 class ChatIndex(Protocol):
@@ -76,7 +80,7 @@ class RedisChatIndex:
         self._ttl_s = ttl_s
 
     async def put(self, principal: str, chat_id: str, entry: ChatEntry) -> None:
-        value = orjson.dumps([entry.generation_id, entry.message_id])
+        value = orjson.dumps([entry.generation_id, entry.message_id, entry.earlier_parts.decode()])
         try:
             await self._redis.set(redis_key(principal, chat_id), value, ex=self._ttl_s)
         except (RedisError, OSError) as exc:
@@ -93,5 +97,5 @@ class RedisChatIndex:
             ) from exc
         if raw is None:
             return None
-        generation_id, message_id = orjson.loads(raw)
-        return ChatEntry(generation_id, message_id)
+        generation_id, message_id, earlier_parts = orjson.loads(raw)
+        return ChatEntry(generation_id, message_id, earlier_parts.encode())

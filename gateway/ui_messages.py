@@ -85,6 +85,8 @@ class UIChat:
     chat_id: str
     request: GenerationRequest
     continues_message: str | None
+    #: That message's parts so far (a replay of the answer must show them again).
+    earlier_parts: tuple[UIPart, ...] = ()
 
 
 def parse_ui_chat(data: dict[str, Any]) -> UIChat:
@@ -103,8 +105,9 @@ def parse_ui_chat(data: dict[str, Any]) -> UIChat:
     request = parse_generation_request({**ours, "messages": messages})
     # A tool's output sent back continues the assistant message that called it.
     last = chat.messages[-1]
-    continues = last.id if last.role == "assistant" and last.id else None
-    return UIChat(chat.id, request, continues)
+    if last.role == "assistant" and last.id:
+        return UIChat(chat.id, request, last.id, last.parts)
+    return UIChat(chat.id, request, None)
 
 
 def to_chat_messages(messages: tuple[UIMessage, ...]) -> list[dict[str, Any]]:
@@ -134,7 +137,7 @@ def _content(parts: tuple[UIPart, ...], *, files: bool) -> str | list[dict[str, 
     return content
 
 
-def _tool_name(part: UIPart) -> str | None:
+def tool_name(part: UIPart) -> str | None:
     if part.type == "dynamic-tool":
         return part.toolName
     if part.type.startswith("tool-"):
@@ -182,7 +185,7 @@ def _assistant_messages(parts: tuple[UIPart, ...]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     step = _Step()
     for part in parts:
-        name = _tool_name(part)
+        name = tool_name(part)
         if part.type == "step-start" or (part.type == "text" and part.text and step.calls):
             out.extend(step.messages())
             step = _Step()

@@ -92,7 +92,7 @@ async def test_ai_sdk_chat_against_one_gateway(
         ],
         streams={"resume_grace_s": 10},
     )
-    await run_scenarios("ui_stream.scenario.mjs", {"GATEWAY_URL": url(server)}, expected=6)
+    await run_scenarios("ui_stream.scenario.mjs", {"GATEWAY_URL": url(server)}, expected=7)
 
     # The tool round trip reached the model as OpenAI's messages: the call, then its output.
     follow_up = next(r.body for r in scripted.requests if r.body["messages"][-1]["role"] == "tool")

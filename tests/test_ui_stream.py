@@ -87,6 +87,8 @@ def check_parts(chunks: Chunks) -> dict[str, str]:
             arguments = calls.pop(chunk["toolCallId"])
             if kind == "tool-input-available":
                 assert chunk["input"] == orjson.loads(arguments)
+        elif kind in ("tool-output-available", "tool-output-error"):
+            calls.pop(chunk["toolCallId"])  # a call rebuilt for a replay
         elif kind == "finish":
             assert not open_parts and not calls, "every part ends before the finish"
     return built
@@ -242,6 +244,66 @@ async def test_reconnect_replays_the_running_answer_then_follows_it(
     # Finished: nothing to resume.
     status, _, _ = await fetch(server, "GET", "/v1/stream/ui/c-resume/stream")
     assert status == 204
+
+
+async def test_a_replay_of_a_continued_answer_shows_the_earlier_steps_again(
+    start_gateway: StartGateway,
+) -> None:
+    """A tool's output sent back continues the assistant message; a reconnect
+    replays from `start`, on which the SDK rebuilds the message, so the
+    steps before it come first (the call rebuilt without `tool-input-available`,
+    which would run the app's `onToolCall` again)."""
+    server = await start_gateway(models=[SLOW], streams={"resume_grace_s": 5})
+    tool_part = {
+        "type": "tool-get_weather",
+        "toolCallId": "call_1",
+        "state": "output-available",
+        "input": {"city": "Oslo"},
+        "output": {"celsius": 21},
+    }
+    earlier = [
+        {"type": "step-start"},
+        {"type": "reasoning", "text": "Weather first."},
+        tool_part,
+    ]
+    body = ui_body("Weather in Oslo?", chat_id="c-cont", max_tokens=30) | {"messageId": "a1"}
+    body["messages"].append({"id": "a1", "role": "assistant", "parts": earlier})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/stream/ui"), json=body) as response:
+            live = b""
+            while live.count(b'"text-delta"') < 2:
+                live += await response.content.readany()
+    live_chunks, _ = chunks_of(live)
+    assert live_chunks[0]["messageId"] == "a1"
+    assert live_chunks[1] == {"type": "start-step"}  # the live reader has the earlier parts
+    status, _, raw = await fetch(server, "GET", "/v1/stream/ui/c-cont/stream")
+    assert status == 200
+    chunks, done = chunks_of(raw)
+    assert done and chunks[0]["messageId"] == "a1"
+    built = check_parts(chunks)
+    assert built["reasoning"] == "Weather first."
+    kinds = [c["type"] for c in chunks]
+    assert kinds[:10] == [
+        "start",
+        "start-step",
+        "reasoning-start",
+        "reasoning-delta",
+        "reasoning-end",
+        "tool-input-start",
+        "tool-input-delta",
+        "tool-output-available",
+        "finish-step",
+        "start-step",
+    ]
+    assert "tool-input-available" not in kinds
+    assert chunks[6]["inputTextDelta"] == '{"city":"Oslo"}'
+    assert chunks[7] == {
+        "type": "tool-output-available",
+        "toolCallId": "call_1",
+        "output": {"celsius": 21},
+    }
+    log = await generation_log(server, chunks[0]["messageMetadata"]["generationId"])
+    assert built["text"] == text_of(log)
 
 
 async def test_stop_cancels_only_the_callers_chat(start_gateway: StartGateway) -> None:

@@ -46,7 +46,7 @@ from gateway.transports.body import read_generation_body
 from gateway.transports.pump import STREAM_HEADERS, HttpWire, serve_stream
 from gateway.transports.resume import find_generation
 from gateway.transports.sink import ClientSink
-from gateway.ui_messages import MAX_CHAT_ID_CHARS, parse_ui_chat
+from gateway.ui_messages import MAX_CHAT_ID_CHARS, UIPart, parse_ui_chat, tool_name
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,13 @@ class UiWire(HttpWire):
     content_type = "text/event-stream"
     heartbeat = HEARTBEAT
 
-    def __init__(self, generation: GenerationLog, message_id: str) -> None:
+    def __init__(
+        self, generation: GenerationLog, message_id: str, earlier_parts: bytes = b""
+    ) -> None:
         self._generation_id = generation.id
         self._model = generation.model
         self._message_id = message_id
+        self._earlier_parts = earlier_parts
         # Replaced, never mutated, so that a refused push can restore them.
         self._text: bytes | None = None  # the open text part's id
         self._reasoning: bytes | None = None  # the open reasoning part's id
@@ -130,7 +133,7 @@ class UiWire(HttpWire):
         if kind == "start":
             metadata = {"generationId": self._generation_id, "model": self._model}
             start = {"type": "start", "messageId": self._message_id, "messageMetadata": metadata}
-            return chunk(start) + chunk({"type": "start-step"})
+            return chunk(start) + self._earlier_parts + chunk({"type": "start-step"})
         fields = event.fields
         if kind == "done":
             reason = FINISH_REASONS.get(fields.get("finish_reason", ""), "other")
@@ -214,6 +217,45 @@ class UiWire(HttpWire):
         return out
 
 
+def earlier_parts_chunks(parts: tuple[UIPart, ...]) -> bytes:
+    """A continued message's parts as chunks, for a replay of its answer.
+
+    A reconnect's replay starts with `start`, on which the SDK rebuilds the
+    message from nothing: without these, the steps before a tool's output
+    was sent back would vanish from the page. Tool calls are rebuilt with
+    `tool-input-start`/`-delta` and their output chunk, never with
+    `tool-input-available`, which would run the app's `onToolCall` again.
+    """
+    out: list[bytes] = []
+    for number, part in enumerate(parts):
+        kind, name = part.type, tool_name(part)
+        if kind == "step-start":
+            if out:
+                out.append(chunk({"type": "finish-step"}))
+            out.append(chunk({"type": "start-step"}))
+        elif kind in ("text", "reasoning") and part.text:
+            part_id = f"earlier-{number}"
+            out.append(chunk({"type": f"{kind}-start", "id": part_id}))
+            out.append(chunk({"type": f"{kind}-delta", "id": part_id, "delta": part.text}))
+            out.append(chunk({"type": f"{kind}-end", "id": part_id}))
+        elif name and part.toolCallId and part.state in ("output-available", "output-error"):
+            call = {"toolCallId": part.toolCallId}
+            start: dict[str, Any] = {"type": "tool-input-start", **call, "toolName": name}
+            if part.type == "dynamic-tool":
+                start["dynamic"] = True
+            out.append(chunk(start))
+            arguments = orjson.dumps(part.input).decode()
+            out.append(chunk({"type": "tool-input-delta", **call, "inputTextDelta": arguments}))
+            if part.state == "output-available":
+                out.append(chunk({"type": "tool-output-available", **call, "output": part.output}))
+            else:
+                error = part.errorText or "the tool failed"
+                out.append(chunk({"type": "tool-output-error", **call, "errorText": error}))
+    if out:
+        out.append(chunk({"type": "finish-step"}))
+    return b"".join(out)
+
+
 async def _remember(request: web.Request, chat_id: str, entry: ChatEntry) -> None:
     """Register the chat's answer; without the store the stream still goes on,
     only a reconnect will not find it."""
@@ -248,8 +290,13 @@ async def stream_ui(request: web.Request) -> web.StreamResponse:
     """POST /v1/stream/ui"""
     chat = parse_ui_chat(await read_generation_body(request))
     generation = await admit_generation(request, chat.request)
-    entry = ChatEntry(generation.id, chat.continues_message or generation.id)
+    entry = ChatEntry(
+        generation.id,
+        chat.continues_message or generation.id,
+        earlier_parts_chunks(chat.earlier_parts),
+    )
     await _remember(request, chat.chat_id, entry)
+    # This reader has the earlier parts: only a replay sends them again.
     wire = UiWire(generation, entry.message_id)
     return await serve_stream(request, generation, -1, wire, new=True)
 
@@ -260,7 +307,7 @@ async def resume_ui(request: web.Request) -> web.StreamResponse:
     if found is None:
         return web.Response(status=204)
     generation, entry = found
-    wire = UiWire(generation, entry.message_id)
+    wire = UiWire(generation, entry.message_id, entry.earlier_parts)
     return await serve_stream(request, generation, -1, wire, resumed=True)
 
 

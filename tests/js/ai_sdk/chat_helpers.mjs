@@ -58,14 +58,15 @@ export async function generationLog(generationId, base = GATEWAY) {
 }
 
 /**
- * A `fetch` whose POST bodies fail with a network error (what a dropped
- * connection looks like to the SDK: a TypeError) after `afterDeltas`
- * text deltas have arrived. GETs (reconnects) go through untouched.
+ * A `fetch` whose `post`-th POST body fails with a network error (what a
+ * dropped connection looks like to the SDK: a TypeError) after `afterDeltas`
+ * text deltas have arrived. Other requests go through untouched.
  */
-export function droppingFetch(afterDeltas) {
+export function droppingFetch(afterDeltas, { post = 1 } = {}) {
+  let posts = 0;
   return async (url, init) => {
     const response = await fetch(url, init);
-    if (init?.method !== 'POST' || !response.body) return response;
+    if (init?.method !== 'POST' || !response.body || ++posts !== post) return response;
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let seen = 0;

@@ -121,6 +121,37 @@ test('a dropped answer resumes (resumeStream) with the full text exactly once', 
   assert.equal(finishes.at(-1).finishReason, 'length');
 });
 
+test('a drop during the answer to a tool output resumes with the earlier steps intact', async () => {
+  const calls = [];
+  const { chat, finishes } = newChat({
+    body: { model: 'slow', max_tokens: 40, tools: [WEATHER_TOOL] },
+    fetch: droppingFetch(5, { post: 2 }),
+    sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithToolCalls,
+    onToolCall: ({ toolCall }) => {
+      calls.push(toolCall);
+      chat.addToolOutput({ tool: 'get_weather', toolCallId: toolCall.toolCallId, output: 'sunny' });
+    },
+  });
+  await chat.sendMessage({ text: 'What is the weather in Oslo?' });
+  for (let i = 0; i < 200 && !finishes.some((f) => f.isDisconnect); i++) {
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.ok(finishes.some((f) => f.isDisconnect), 'the follow-up was dropped');
+  await chat.resumeStream();
+  assert.equal(chat.status, 'ready');
+  assert.equal(calls.length, 1, "the replay did not run the app's tool again");
+  const answers = assistants(chat);
+  assert.equal(answers.length, 1);
+  const tool = answers[0].parts.find((p) => p.type === 'tool-get_weather');
+  assert.equal(tool?.state, 'output-available');
+  assert.equal(tool.output, 'sunny');
+  const log = await generationLog(answers[0].metadata.generationId);
+  assert.ok(log.text.length > 20);
+  assert.equal(textOf(answers[0]), log.text);
+  assert.equal(log.events.at(-1).type, 'done');
+  assert.equal(finishes.at(-1).finishReason, log.events.at(-1).finish_reason);
+});
+
 test('an explicit stop (DELETE) cancels the answer: a reconnect then finds nothing', async () => {
   const { chat } = newChat({ body: { model: 'slow', max_tokens: 200 } });
   const sending = chat.sendMessage({ text: 'Explain vector databases.' });
