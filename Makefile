@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # The JavaScript the tests drive: the AI SDK client, tsc, the React example (npm ci: the lockfiles).
-JS_DIRS := tests/js
+JS_DIRS := tests/js examples/react-chat
 js: $(foreach d,$(JS_DIRS),$(d)/node_modules/.package-lock.json)
 
 %/node_modules/.package-lock.json: %/package-lock.json
