@@ -15,7 +15,7 @@ from gateway.catalog import ModelCatalog
 from gateway.chat_index import MemoryChatIndex, RedisChatIndex
 from gateway.config import Settings
 from gateway.drain import CLOSE_BUDGET_S, close_websockets, stop_streams
-from gateway.health import get_healthz, get_readyz, list_models
+from gateway.health import get_healthz, get_model, get_readyz, list_models
 from gateway.keys import (
     Lifecycle,
     authenticator_key,
@@ -47,6 +47,7 @@ from gateway.transports.generations import (
     create_generation,
     delete_generation,
     generation_events,
+    generation_status,
 )
 from gateway.transports.openai_compat import chat_completions
 from gateway.transports.sse import stream_sse
@@ -106,6 +107,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/readyz", get_readyz)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/stream/chunked", stream_chunked)
     app.router.add_route("GET", "/v1/stream/sse", stream_sse)
@@ -113,6 +115,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/stream/ws", stream_ws)
     app.router.add_post("/v1/generations", create_generation)
     app.router.add_get("/v1/generations/{generation_id}/events", generation_events)
+    app.router.add_get("/v1/generations/{generation_id}", generation_status)
     app.router.add_delete("/v1/generations/{generation_id}", delete_generation)
     app.router.add_post("/v1/stream/ui", stream_ui)
     app.router.add_get("/v1/stream/ui/{chat_id}/stream", resume_ui)

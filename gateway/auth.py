@@ -2,9 +2,12 @@
 
 Credentials come from `Authorization: Bearer`, from `?access_token=` on the
 GET stream routes only (EventSource and the browser WebSocket cannot set
-headers), or from a configured cookie. A credential that is present but wrong
-is always 401, even where anonymous access is allowed: a typo must not
-silently downgrade a tenant to the anonymous budget.
+headers), or from a configured cookie. Where keys or JWT are configured, a
+credential that is present but wrong is always 401, even where anonymous
+access is allowed: a typo must not silently downgrade a tenant to the
+anonymous budget. With no credential configured at all (the loopback
+default) there is no tenant to downgrade and nothing to check a bearer
+against, so it is ignored: OpenAI SDKs refuse to run without some key.
 
 Stream tickets are short-lived HS256 JWTs that we sign ourselves, bound to the
 principal that minted them, so a backend that holds an API key can hand a

@@ -2,8 +2,13 @@
 
 Loading order: YAML file, then `${VAR}` interpolation inside string values,
 then `GATEWAY__SECTION__KEY` environment overrides, then validation. Any
-failure is a `ConfigError` whose message is one line naming the bad key, so
-a broken deploy says what to fix instead of printing a traceback.
+failure is a `ConfigError` with one line per problem, each naming the bad
+key, so a broken deploy says what to fix instead of printing a traceback.
+
+Numbers and booleans are strict: `port: "8080"` or `anonymous: "false"` is
+an error, not a silent conversion, so a value is what the file says (a
+`${VAR}` gives a string: numbers come from `GATEWAY__…` overrides, which are
+YAML).
 """
 
 from __future__ import annotations
@@ -16,13 +21,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
-from gateway.schema import describe_validation_error
+from gateway.schema import describe_validation_errors
 
 
 class ConfigError(Exception):
-    """A configuration problem, with a one-line message naming the key."""
+    """A configuration problem: one line per problem, each naming its key."""
 
 
 class _Section(BaseModel):
@@ -30,71 +45,71 @@ class _Section(BaseModel):
 
 
 class Limits(_Section):
-    requests_per_minute: int = Field(default=60, ge=0)
-    tokens_per_minute: int = Field(default=100_000, ge=0)
-    concurrent_streams: int = Field(default=5, ge=0)
+    requests_per_minute: StrictInt = Field(default=60, ge=0)
+    tokens_per_minute: StrictInt = Field(default=100_000, ge=0)
+    concurrent_streams: StrictInt = Field(default=5, ge=0)
 
 
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    shutdown_grace_s: float = Field(default=20, ge=0)
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    port: StrictInt = Field(default=8080, ge=0, le=65535)
+    metrics_port: StrictInt | None = Field(default=None, ge=0, le=65535)
+    shutdown_grace_s: StrictFloat = Field(default=20, ge=0)
+    max_body_bytes: StrictInt = Field(default=1_048_576, ge=1024)
     #: Extension of the contract: a request body must arrive within this (408 after).
-    body_timeout_s: float = Field(default=10, gt=0)
+    body_timeout_s: StrictFloat = Field(default=10, gt=0)
     #: Extension of the contract: a connection with no complete request head
     #: for this long is closed, on arrival and between keep-alive requests (it
     #: bounds slowloris headers). Keep it above your proxy's upstream keepalive
     #: (nginx: keepalive_timeout 60s in deploy/nginx), so the proxy closes first.
-    idle_timeout_s: float = Field(default=75, gt=0)
+    idle_timeout_s: StrictFloat = Field(default=75, gt=0)
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: Extension of the contract: a cap on concurrent streams per replica (0: none),
     #: so an overloaded process sheds new streams with 503 instead of slowing all.
-    max_streams: int = Field(default=0, ge=0)
+    max_streams: StrictInt = Field(default=0, ge=0)
     #: Extension of the contract: false turns every metric off (benchmarks measure the cost).
-    metrics_enabled: bool = True
+    metrics_enabled: StrictBool = True
 
 
 class StreamSettings(_Section):
     backend: Literal["memory", "redis"] = "memory"
-    heartbeat_s: float = Field(default=15, gt=0)
-    resume_grace_s: float = Field(default=10, ge=0)
-    retention_s: float = Field(default=60, ge=0)
+    heartbeat_s: StrictFloat = Field(default=15, gt=0)
+    resume_grace_s: StrictFloat = Field(default=10, ge=0)
+    retention_s: StrictFloat = Field(default=60, ge=0)
     #: Extension of the contract: the bound on finished logs kept for resume.
-    retention_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    retention_max_bytes: StrictInt = Field(default=64 * 1024 * 1024, ge=0)
     #: Extension of the contract: the bound on one running generation's log
     #: (its events' JSON plus their overhead); past it the answer ends in an error.
-    max_generation_bytes: int = Field(default=32 * 1024 * 1024, ge=4096)
+    max_generation_bytes: StrictInt = Field(default=32 * 1024 * 1024, ge=4096)
     #: Extension of the contract: the bound on the logs of all running generations
     #: of a replica; the generation whose append crosses it ends in an error.
-    max_live_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
-    write_timeout_s: float = Field(default=30, gt=0)
-    max_per_socket: int = Field(default=4, ge=1)
+    max_live_bytes: StrictInt = Field(default=256 * 1024 * 1024, ge=4096)
+    write_timeout_s: StrictFloat = Field(default=30, gt=0)
+    max_per_socket: StrictInt = Field(default=4, ge=1)
     #: Extension of the contract (`backend: redis`): how long a replica's claim on
     #: a running generation lasts unrefreshed; a crashed owner's followers get an
     #: error after it, and its keys expire three of these later.
-    shared_log_lease_s: float = Field(default=10, ge=0.5, le=300)
+    shared_log_lease_s: StrictFloat = Field(default=10, ge=0.5, le=300)
     #: Extension of the contract: a WebSocket's messages, sustained per second and
     #: in a burst; past them it is closed with 1008 (a flood, not a client).
-    ws_messages_per_s: float = Field(default=50, gt=0)
-    ws_message_burst: int = Field(default=200, ge=1)
+    ws_messages_per_s: StrictFloat = Field(default=50, gt=0)
+    ws_message_burst: StrictInt = Field(default=200, ge=1)
     #: Extension of the contract: open WebSockets per principal (per client IP when
     #: anonymous) on a replica; one more is refused with 429 (0: no cap).
-    max_sockets_per_principal: int = Field(default=16, ge=0)
+    max_sockets_per_principal: StrictInt = Field(default=16, ge=0)
     #: Extension of the contract: the SSE `retry:` sent in the first frame.
-    sse_retry_ms: int = Field(default=1000, ge=0)
+    sse_retry_ms: StrictInt = Field(default=1000, ge=0)
 
 
 class SimulatedModel(_Section):
     name: str = Field(min_length=1)
     provider: Literal["simulated"]
-    tokens_per_second: float = Field(default=50, gt=0)
-    first_token_ms: float = Field(default=150, ge=0)
-    fail_after_tokens: int | None = Field(default=None, ge=0)
+    tokens_per_second: StrictFloat = Field(default=50, gt=0)
+    first_token_ms: StrictFloat = Field(default=150, ge=0)
+    fail_after_tokens: StrictInt | None = Field(default=None, ge=0)
     #: Think this many tokens (`reasoning` events) before answering.
-    reasoning_tokens: int = Field(default=0, ge=0, le=100_000)
+    reasoning_tokens: StrictInt = Field(default=0, ge=0, le=100_000)
 
 
 class OpenAIModel(_Section):
@@ -104,8 +119,8 @@ class OpenAIModel(_Section):
     api_key: SecretStr | None = None
     upstream_model: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    timeout_s: float = Field(default=60, gt=0)
-    max_retries: int = Field(default=2, ge=0, le=10)
+    timeout_s: StrictFloat = Field(default=60, gt=0)
+    max_retries: StrictInt = Field(default=2, ge=0, le=10)
     fallbacks: tuple[str, ...] = ()
     #: Request fields of the OpenAI-compatible route forwarded as given: fields
     #: it does not know (400 otherwise) or that act on the upstream account
@@ -113,7 +128,7 @@ class OpenAIModel(_Section):
     passthrough: tuple[str, ...] = ()
     #: Extension of the contract: open connections to this upstream at most (one
     #: per running stream). The SDK's default, 1,000, queued streams past it.
-    max_connections: int = Field(default=10_000, ge=1)
+    max_connections: StrictInt = Field(default=10_000, ge=1)
 
 
 ModelSettings = Annotated[SimulatedModel | OpenAIModel, Field(discriminator="provider")]
@@ -134,7 +149,7 @@ class JwtSettings(_Section):
     #: out (only tokens without `aud` are then accepted, with a warning at start-up).
     audience: str | None = None
     issuer: str | None = None
-    leeway_s: float = Field(default=30, ge=0, le=600)
+    leeway_s: StrictFloat = Field(default=30, ge=0, le=600)
 
     @model_validator(mode="after")
     def _check_keys(self) -> JwtSettings:
@@ -153,18 +168,18 @@ class JwtSettings(_Section):
 
 
 class AuthSettings(_Section):
-    anonymous: bool = True
+    anonymous: StrictBool = True
     api_keys: tuple[ApiKey, ...] = ()
     jwt: JwtSettings | None = None
     #: `?access_token=` on GET stream routes: `true` takes stream tickets only,
     #: `any` keys and JWTs too (they end up in proxy logs), `false` none.
     query_token: bool | Literal["any"] = True
     #: A stream ticket opens one stream (used ticket ids are kept until they expire).
-    tickets_single_use: bool = False
+    tickets_single_use: StrictBool = False
     cookie: str | None = None
     #: Signs stream tickets; replicas must share it. None: random per process.
     ticket_secret: SecretStr | None = None
-    ticket_ttl_s: float = Field(default=300, gt=0, le=3600)
+    ticket_ttl_s: StrictFloat = Field(default=300, gt=0, le=3600)
 
     @model_validator(mode="before")
     @classmethod
@@ -178,10 +193,10 @@ class AuthSettings(_Section):
 
 class RateLimitSettings(_Section):
     backend: Literal["memory", "redis"] = "memory"
-    fail_open: bool = True
+    fail_open: StrictBool = True
     default: Limits = Limits()
     #: Tokens reserved for a request without `max_tokens`, reconciled at its end.
-    default_reserve_tokens: int = Field(default=1024, ge=0)
+    default_reserve_tokens: StrictInt = Field(default=1024, ge=0)
 
 
 class RedisSettings(_Section):
@@ -192,7 +207,7 @@ class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
     #: Extension of the contract: one line per request or stream at its end.
-    access_log: bool = True
+    access_log: StrictBool = True
 
 
 class Settings(_Section):
@@ -310,11 +325,16 @@ def load_settings(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}: invalid YAML{line}") from None
+        if tree is None:
+            # An empty file is a mistake (a wrong path, a failed copy), not "all defaults".
+            raise ConfigError(
+                f"{path}: the file is empty; copy the repository's config.yaml to start from"
+            )
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     tree = _apply_overrides(_interpolate(tree, env, ""), env)
@@ -323,4 +343,4 @@ def load_settings(
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
+        raise ConfigError("\n".join(describe_validation_errors(exc))) from None

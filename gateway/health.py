@@ -1,4 +1,5 @@
-"""Liveness, readiness and the model list: open routes, no credential needed."""
+"""Liveness and readiness (open routes, no credential needed), and the models served
+(`/v1/models`, which needs the same credential as the streams)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,20 @@ async def get_readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
+def model_object(name: str) -> dict[str, object]:
+    """OpenAI's model object (`created` 0: a configured name has no creation date)."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
+
+
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models in OpenAI's shape."""
-    data = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
-        for name in request.app[catalog_key].names
-    ]
-    return json_response({"object": "list", "data": data})
+    return json_response(
+        {"object": "list", "data": [model_object(n) for n in request.app[catalog_key].names]}
+    )
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model_id}: what OpenAI SDKs' `models.retrieve` asks; 404
+    `model_not_found` for a name not served here, as a generation would get."""
+    entry = request.app[catalog_key].resolve(request.match_info["model_id"])
+    return json_response(model_object(entry.settings.name))

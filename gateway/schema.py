@@ -134,13 +134,47 @@ class GenerationRequest(BaseModel):
         return self.model_dump(include=set(FORWARDED_FIELDS), exclude_unset=True)
 
 
+#: Pydantic's type errors, to which a string that should have been a number or a
+#: boolean (`port: "8080"`) gets a hint: its message alone reads like a bad number.
+_SCALAR_TYPE_ERRORS = frozenset({"int_type", "float_type", "bool_type"})
+
+
+def _looks_scalar(text: str) -> bool:
+    """A number or a boolean, once its quotes are gone."""
+    if text.strip().lower() in ("true", "false"):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def describe_validation_errors(exc: ValidationError) -> list[str]:
+    """One line per bad field, e.g. ``server.port: Input should be a valid integer``.
+
+    A list that is too short only because one of its items failed is that item's
+    problem, not a second one (`models: [{provider: magic}]` is not an empty list)."""
+    errors = exc.errors(include_url=False)
+    has_inner_errors = {e["loc"][:depth] for e in errors for depth in range(len(e["loc"]))}
+    lines = []
+    for error in errors:
+        if error["type"] == "too_short" and error["loc"] in has_inner_errors:
+            continue
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in _SCALAR_TYPE_ERRORS and isinstance(error["input"], str):
+            message += f", not the string {error['input'][:40]!r}"
+            if _looks_scalar(error["input"]):
+                message += " (write it without quotes)"
+        lines.append(f"{where}: {message}" if where else message)
+    return lines
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """One line naming the first bad field, e.g. ``max_tokens: Input should be ...``."""
-    first = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {message}{more}" if where else f"{message}{more}"
+    first, *rest = describe_validation_errors(exc)
+    return f"{first} (and {len(rest)} more)" if rest else first
 
 
 def parse_json_object(raw: bytes | str) -> dict[str, Any]:

@@ -4,12 +4,18 @@
 first SIGTERM; we run the `AppRunner` ourselves so that a SIGTERM starts a
 drain (`gateway.drain`) while the socket still answers, and a second signal
 cuts it short.
+
+Once bound it prints the URLs to open on stdout (the logs are JSON on
+stderr), with the port really bound; a port it cannot bind is a `ServeError`,
+one line for the CLI instead of a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
+import ipaddress
 import logging
 import resource
 import signal
@@ -49,6 +55,47 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # uvloop is Linux-only in our dependencies
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+class ServeError(Exception):
+    """Start-up failed for a reason the operator fixes (a busy port): one line, no traceback."""
+
+
+def bind_problem(exc: OSError, host: str, port: int | None, choose: str = "--port") -> str:
+    """What `cannot bind` means, in the words of the fix (`choose`: where the port is set)."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is in use (another gateway?): stop what holds it, "
+            f"or choose another port with {choose}"
+        )
+    if exc.errno == errno.EACCES:
+        return f"port {port} on {host}: permission denied (ports below 1024 need privileges)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}: it is not an address of this machine"
+    return f"cannot listen on {host} port {port}: {exc.strerror or exc}"
+
+
+def http_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets; a wildcard address (all
+    interfaces) becomes loopback, which a browser on this machine can open."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"http://[{address}]:{port}" if address.version == 6 else f"http://{address}:{port}"
+
+
+def start_up_line(settings: Settings, host: str, port: int) -> str:
+    """The URLs to open, from the address really bound (port 0 binds any free one)."""
+    server = settings.server
+    base = http_url(host, port)
+    line = f"gateway: serving on {base} — demo page {base}/ · models {base}/v1/models"
+    if server.metrics_enabled:
+        metrics = base if server.metrics_port is None else http_url(host, server.metrics_port)
+        line += f" · metrics {metrics}/metrics"
+    return line
 
 
 class Signals:
@@ -93,16 +140,31 @@ async def run(settings: Settings) -> None:
         keepalive_timeout=settings.server.idle_timeout_s,
         max_line_size=READ_LINE_BYTES,
     )
-    await runner.setup()
+    server = settings.server
+    try:
+        await runner.setup()  # binds `server.metrics_port`, if set
+    except OSError as exc:
+        await runner.cleanup()
+        if server.metrics_port is None:
+            raise
+        problem = bind_problem(exc, server.host, server.metrics_port, "server.metrics_port")
+        raise ServeError(f"server.metrics_port: {problem}") from None
     signals = Signals()
     try:
-        site = web.TCPSite(runner, settings.server.host, settings.server.port)
-        await site.start()
+        site = web.TCPSite(runner, server.host, server.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ServeError(bind_problem(exc, server.host, server.port)) from None
+        host, port = runner.addresses[0][:2]
+        # For whoever started it: stdout, apart from the JSON logs on stderr.
+        print(start_up_line(settings, host, port), flush=True)
         log.info(
             "serving",
             extra={
-                "host": settings.server.host,
-                "port": settings.server.port,
+                "host": server.host,
+                "port": port,
+                "url": http_url(host, port),
                 "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 "stream_cap": app[stream_cap_key],
             },

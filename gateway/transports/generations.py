@@ -1,13 +1,20 @@
-"""Generations as a resource: start detached, attach from any seq, cancel."""
+"""Generations as a resource: start detached, attach from any seq, look, cancel."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.admission import admit_generation
 from gateway.errors import InvalidRequest
+from gateway.events import Event
+from gateway.generation_log import GenerationLog
+from gateway.keys import shared_log_key
 from gateway.middleware import json_response
 from gateway.schema import parse_generation_request
+from gateway.shared_log_reader import StoreUnavailable, stream_key
 from gateway.transports.body import read_generation_body
 from gateway.transports.chunked import CONTENT_TYPE as NDJSON_TYPE
 from gateway.transports.chunked import NDJSON
@@ -50,6 +57,57 @@ async def generation_events(request: web.Request) -> web.StreamResponse:
     after = _after_seq(request, generation_id)
     wire = NDJSON if NDJSON_TYPE in request.headers.get("Accept", "") else sse_wire(request)
     return await follow(request, generation_id, after, wire)
+
+
+async def generation_status(request: web.Request) -> web.Response:
+    """GET /v1/generations/{id}: where it stands, for a client that polls instead of
+    following. Same owner rule as its events (anyone else: 404)."""
+    generation = await find_generation(request, request.match_info["generation_id"])
+    return json_response(status_document(generation, await _newest_event(request, generation)))
+
+
+def status_document(generation: GenerationLog, newest: Event) -> dict[str, Any]:
+    """`state` running | done | cancelled | error; `finish_reason` null until done;
+    `usage` once done (a cancelled one too: what it used), `error` once failed."""
+    document: dict[str, Any] = {
+        "id": generation.id,
+        "object": "generation",
+        "state": "running",
+        "model": generation.model,
+        "created": generation.created,
+        "last_seq": newest.seq,
+        "finish_reason": None,
+        "events_url": events_url(generation.id),
+    }
+    if newest.type == "done":
+        fields = newest.fields
+        reason = fields["finish_reason"]
+        state = "cancelled" if reason == "cancelled" else "done"
+        document.update(state=state, finish_reason=reason, usage=fields["usage"])
+    elif newest.type == "error":
+        document.update(state="error", error=newest.fields)
+    return document
+
+
+async def _newest_event(request: web.Request, generation: GenerationLog) -> Event:
+    """The log's last event, read without attaching: a poll must neither count as a
+    reader nor hold off the grace timer of a generation nobody follows."""
+    if not generation.remote:
+        # Never entered, so never attached; a local log is never empty (`start`).
+        batch = await generation.subscribe().next_batch()
+        assert batch
+        return batch[-1]
+    # A remote log is read forward in bounded batches; its newest entry is one XREVRANGE.
+    shared_log = request.app[shared_log_key]
+    try:
+        # redis-py types a reply as any RESP value; XREVRANGE's is [(id, fields)].
+        newest: Any = await shared_log.control.xrevrange(stream_key(generation.id), count=1)
+    except (RedisError, OSError) as exc:
+        shared_log.note_failure("status", exc)
+        raise StoreUnavailable("cannot reach the shared log; retry shortly") from None
+    if not newest:  # the owner wrote the meta but has not flushed `start` yet
+        return Event(generation.id, "start", 0, {})
+    return Event.decoded(generation.id, newest[0][1][b"e"])
 
 
 async def delete_generation(request: web.Request) -> web.Response:

@@ -242,8 +242,29 @@ class WebSocketSession:
             pass
 
 
+#: What a plain GET of the WebSocket route is told.
+NOT_A_WEBSOCKET = (
+    "/v1/stream/ws is a WebSocket route: connect with a WebSocket client (a browser's "
+    "new WebSocket('ws://HOST/v1/stream/ws'), aiohttp's session.ws_connect) and send "
+    '{"type": "generate", "request_id": "r1", "prompt": "Hi"}; over plain HTTP, '
+    "POST /v1/stream/chunked or /v1/stream/sse"
+)
+
+
+def refuse_plain_get(request: web.Request) -> None:
+    """426 Upgrade Required, not aiohttp's bare 400: the request is fine HTTP, for a
+    resource served only over another protocol, which is what 426 says (RFC 9110
+    15.5.22: it names the protocol in `Upgrade`; 7.8: `Connection` then lists
+    `upgrade`). A handshake that is attempted but malformed stays aiohttp's 400
+    (RFC 6455 4.2.1)."""
+    if request.headers.get("Upgrade", "").strip().lower() != "websocket":
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade"}
+        raise InvalidRequest(NOT_A_WEBSOCKET, status=426, headers=headers)
+
+
 async def stream_ws(request: web.Request) -> web.StreamResponse:
     """GET /v1/stream/ws"""
+    refuse_plain_get(request)
     refuse_if_draining(request)
     settings = request.app[settings_key]
     streams = settings.streams
