@@ -122,6 +122,18 @@ class SharedLogReader:
             self._log.note_failure("cancel", exc)
             raise StoreUnavailable("cannot reach the owner replica to cancel; retry") from None
 
+    async def newest(self, generation_id: str) -> Event:
+        """The log's last event, without following it (one XREVRANGE)."""
+        try:
+            # redis-py types a reply as any RESP value; XREVRANGE's is [(id, fields)].
+            newest: Any = await self._log.control.xrevrange(stream_key(generation_id), count=1)
+        except (RedisError, OSError) as exc:
+            self._log.note_failure("newest event", exc)
+            raise StoreUnavailable("cannot reach the shared log; retry shortly") from None
+        if not newest:  # the owner wrote the meta but has not flushed `start` yet
+            return Event(generation_id, "start", 0, {})
+        return Event.decoded(generation_id, newest[0][1][b"e"])
+
     async def read(self, generation_id: str, after_seq: int) -> list[Event] | None:
         """Events after `after_seq`, waiting up to `READ_BLOCK_MS`; [] on a quiet spell."""
         key = stream_key(generation_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from gateway.admission import admit_generation
 from gateway.errors import InvalidRequest
@@ -14,7 +13,6 @@ from gateway.generation_log import GenerationLog
 from gateway.keys import shared_log_key
 from gateway.middleware import json_response
 from gateway.schema import parse_generation_request
-from gateway.shared_log_reader import StoreUnavailable, stream_key
 from gateway.transports.body import read_generation_body
 from gateway.transports.chunked import CONTENT_TYPE as NDJSON_TYPE
 from gateway.transports.chunked import NDJSON
@@ -92,22 +90,12 @@ def status_document(generation: GenerationLog, newest: Event) -> dict[str, Any]:
 async def _newest_event(request: web.Request, generation: GenerationLog) -> Event:
     """The log's last event, read without attaching: a poll must neither count as a
     reader nor hold off the grace timer of a generation nobody follows."""
-    if not generation.remote:
-        # Never entered, so never attached; a local log is never empty (`start`).
-        batch = await generation.subscribe().next_batch()
-        assert batch
-        return batch[-1]
-    # A remote log is read forward in bounded batches; its newest entry is one XREVRANGE.
-    shared_log = request.app[shared_log_key]
-    try:
-        # redis-py types a reply as any RESP value; XREVRANGE's is [(id, fields)].
-        newest: Any = await shared_log.control.xrevrange(stream_key(generation.id), count=1)
-    except (RedisError, OSError) as exc:
-        shared_log.note_failure("status", exc)
-        raise StoreUnavailable("cannot reach the shared log; retry shortly") from None
-    if not newest:  # the owner wrote the meta but has not flushed `start` yet
-        return Event(generation.id, "start", 0, {})
-    return Event.decoded(generation.id, newest[0][1][b"e"])
+    if generation.remote:
+        return await request.app[shared_log_key].reader.newest(generation.id)
+    # Never entered, so never attached; a local log is never empty (`start`).
+    batch = await generation.subscribe().next_batch()
+    assert batch
+    return batch[-1]
 
 
 async def delete_generation(request: web.Request) -> web.Response:
