@@ -25,7 +25,7 @@ from typing import Any
 from gateway.errors import AnswerTooLarge, GatewayError, InternalError, LogsFull, UpstreamError
 from gateway.events import DELTA_TYPES, EVENT_OVERHEAD_BYTES, Event, EventType
 from gateway.generation_log import LogMirror, Push, StopCause
-from gateway.providers.base import Delta, Finish, Provider, ToolCallDelta, Usage
+from gateway.providers.base import Delta, Finish, Item, Provider, ToolCallDelta, Usage
 from gateway.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -172,19 +172,14 @@ class Generation:
         try:
             # `aclosing`: the provider's `finally` (closing the upstream
             # response) runs now, not when the generator is collected.
-            async with aclosing(self.provider.stream(self.request)) as items:
+            # The provider may hand deltas to `_take` from its read callback
+            # instead of yielding them (no task switch per upstream read).
+            async with aclosing(self.provider.stream(self.request, self._take)) as items:
                 async for item in items:
-                    kind = item.__class__
-                    if kind is str:
-                        if item:
-                            self._append_tokens((item,))  # type: ignore[arg-type]
-                    elif kind is list:
-                        self._append_tokens(item)  # type: ignore[arg-type]
-                    elif kind is Finish:
-                        finish = item  # type: ignore[assignment]
+                    if item.__class__ is Finish:
+                        finish = item
                         break
-                    else:
-                        self._append_deltas(item if kind is tuple else (item,))  # type: ignore[arg-type]
+                    self._take(item)
             if finish is None:
                 raise UpstreamError("upstream ended the stream without a finish reason")
             self._final_usage = finish.usage
@@ -198,6 +193,17 @@ class Generation:
         except Exception:
             log.exception("generation failed", extra={"generation_id": self.id})
             self._fail(InternalError("internal error in the generation"))
+
+    def _take(self, item: Item) -> None:
+        """The deltas of one upstream read: logged, and written to caught-up readers."""
+        kind = item.__class__
+        if kind is str:
+            if item:
+                self._append_tokens((item,))  # type: ignore[arg-type]
+        elif kind is list:
+            self._append_tokens(item)  # type: ignore[arg-type]
+        else:
+            self._append_deltas(item if kind is tuple else (item,))  # type: ignore[arg-type]
 
     def _fail(self, error: GatewayError) -> None:
         self.failure = error

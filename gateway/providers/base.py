@@ -16,7 +16,7 @@ in `finally` (or an `async with`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, get_args
 
@@ -91,14 +91,27 @@ class Finish:
 Item = str | list[str] | tuple[Delta, ...] | Reasoning | ToolCallDelta | Finish
 
 
+#: Takes the deltas of one upstream read, synchronously, from wherever they arrive.
+Deliver = Callable[[Item], object]
+
+
 class Provider(Protocol):
     """An upstream model. Failures are raised as `gateway.errors.UpstreamError`."""
 
     #: The fixed `provider` metric label (`simulated`, `openai`).
     kind: str
 
-    def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
-        """Yield deltas (one, or a batch of those that arrived together), then one `Finish`."""
+    def stream(
+        self, request: GenerationRequest, deliver: Deliver | None = None
+    ) -> AsyncGenerator[Item, None]:
+        """Yield deltas (one, or a batch of those that arrived together), then one `Finish`.
+
+        With `deliver`, a provider may hand the deltas after the first ones to
+        it as they arrive (inside the connection's read callback) instead of
+        yielding them; it yields at least the first delta and the `Finish`,
+        so what wraps it (metrics, retries before the first token) still sees
+        both. It may raise what `deliver` raises.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -13,7 +13,7 @@ from contextlib import aclosing
 
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.metrics import UpstreamChildren
-from gateway.providers.base import Finish, Item, Provider
+from gateway.providers.base import Deliver, Finish, Item, Provider
 from gateway.schema import GenerationRequest
 
 
@@ -35,13 +35,15 @@ class InstrumentedProvider:
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
+    async def stream(
+        self, request: GenerationRequest, deliver: Deliver | None = None
+    ) -> AsyncGenerator[Item, None]:
         children = self._children
         started = time.monotonic()
         waiting_for_first = True
         result: str | None = None
         try:
-            async with aclosing(self._inner.stream(request)) as items:
+            async with aclosing(self._inner.stream(request, deliver)) as items:
                 async for item in items:
                     if waiting_for_first and item.__class__ is not Finish:
                         waiting_for_first = False

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -30,8 +30,9 @@ from yarl import URL
 from gateway.config import OpenAIModel
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.events import dumps_compact
-from gateway.providers.base import Delta, Finish, Item, Usage
+from gateway.providers.base import Deliver, Delta, Finish, Item, Usage
 from gateway.providers.openai_deltas import DeltaReader
+from gateway.providers.read_callback import Consume, follow_body
 from gateway.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,9 @@ class OpenAIProvider:
             extra.pop(name, None)
         return {**extra, **body}
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
+    async def stream(
+        self, request: GenerationRequest, deliver: Deliver | None = None
+    ) -> AsyncGenerator[Item, None]:
         # Right-sized: the body lives as long as the stream (10,000 streams
         # held 34 MB of orjson's 4 KiB buffers, tracemalloc under S5's load).
         body = dumps_compact(self._body(request))
@@ -149,7 +152,7 @@ class OpenAIProvider:
                         if response.status != 200:
                             raise await self._status_error(response)
                         responded = True
-                        async for item in self._read(response.content, request):
+                        async for item in self._read(response.content, request, deliver):
                             if first_token_deadline.when() is not None:
                                 first_token_deadline.reschedule(None)
                             yield item
@@ -183,74 +186,34 @@ class OpenAIProvider:
             raise
 
     async def _read(
-        self, content: aiohttp.StreamReader, request: GenerationRequest
+        self,
+        content: aiohttp.StreamReader,
+        request: GenerationRequest,
+        deliver: Deliver | None,
     ) -> AsyncIterator[Item]:
-        """Parse `data:` lines; yield the deltas of each read, then one `Finish`.
+        """Yield the deltas of each read, then one `Finish`.
 
-        Lines are split here from whatever each read returns (a fast upstream
-        sends dozens of events per read), with no generator layer in between:
-        this loop runs once per upstream chunk. A read of plain text yields a
-        `list[str]` (or one `str`); only a delta with more than text in it
-        (reasoning, a tool call …) goes through `DeltaReader`. A line over
-        `MAX_LINE_BYTES` fails the stream, so an upstream that never sends a
-        newline cannot grow our memory without end.
+        With `deliver`, only the first read's deltas are yielded: the rest of
+        the body is parsed inside the connection's read callback and each
+        read's deltas handed to `deliver` there (`read_callback.py`), which
+        saves a task switch and this generator chain per upstream read.
         """
-        finish_reason: str | None = None
-        usage: Usage | None = None
-        deltas = 0
-        rest = b""
-        ended = False
-        others = DeltaReader(self._label)
-        while not ended:
+        chunks = _ChunkStream(self._label, self._parse)
+        while not chunks.ended:
             data = await content.readany()
             if not data:
-                if not rest:
+                if not chunks.rest:
                     break
                 data = b"\n"  # the last line had no newline
-            lines = (rest + data).split(b"\n") if rest else data.split(b"\n")
-            rest = lines.pop()
-            texts: list[Delta] = []
-            mixed = False
-            failure: UpstreamError | None = None
-            try:
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, comments, `event:` lines
-                    payload = line[5:].strip()  # also a `\r` of CRLF line ends
-                    if payload == b"[DONE]":
-                        ended = True
-                        break
-                    chunk = self._parse(payload)
-                    if "usage" in chunk:
-                        usage = _usage(chunk["usage"]) or usage
-                    for choice in chunk.get("choices") or ():
-                        if choice.get("index", 0) != 0:
-                            continue
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content")
-                        if len(delta) > ("role" in delta) + (text is not None):
-                            mixed = others.read(delta, texts) or mixed  # more than text
-                        elif text:
-                            texts.append(text)
-                        finish_reason = choice.get("finish_reason") or finish_reason
-            except UpstreamError as exc:
-                failure = exc  # raised after the deltas before it are out
-            if texts:
-                # What one read brought is logged, woken and written as one batch.
-                deltas += len(texts)
-                if mixed:
-                    yield tuple(texts)
-                else:
-                    yield texts[0] if len(texts) == 1 else texts  # type: ignore[misc]
+            item, failure = chunks.feed(data)
+            if item is not None:
+                yield item
             if failure is not None:
                 raise failure
-            if len(rest) > MAX_LINE_BYTES:
-                raise UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
-        if finish_reason is None:
-            raise UpstreamError(f"{self._label} ended the stream without a finish reason")
-        if usage is None:  # servers that ignore stream_options
-            usage = Usage(request.prompt_tokens_estimate, deltas)
-        yield Finish(others.finish_reason(finish_reason), usage)
+            if item is not None and deliver is not None and not chunks.ended:
+                await follow_body(content, chunks.consumer(deliver))
+                break
+        yield chunks.finish(request.prompt_tokens_estimate)
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
         try:
@@ -290,6 +253,96 @@ class OpenAIProvider:
             fallback=status not in {400, 422},
             result=str(status),
         )
+
+
+class _ChunkStream:
+    """The `data:` lines of one answer, parsed read by read.
+
+    Lines are split here from whatever each read returns (a fast upstream
+    sends dozens of events per read), with no generator layer in between:
+    `feed` runs once per upstream read. A read of plain text gives a
+    `list[str]` (or one `str`); only a delta with more than text in it
+    (reasoning, a tool call …) goes through `DeltaReader`. A line over
+    `MAX_LINE_BYTES` fails the stream, so an upstream that never sends a
+    newline cannot grow our memory without end.
+    """
+
+    __slots__ = ("_label", "_others", "_parse", "deltas", "ended", "finish_reason", "rest", "usage")
+
+    def __init__(self, label: str, parse: Callable[[bytes], dict[str, Any]]) -> None:
+        self._label = label
+        self._parse = parse
+        self._others = DeltaReader(label)
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.deltas = 0
+        self.rest = b""
+        self.ended = False
+
+    def feed(self, data: bytes) -> tuple[Item | None, UpstreamError | None]:
+        """One read's deltas as one item (None: none), and the failure that
+        followed them: the deltas before a bad line still go out."""
+        lines = (self.rest + data).split(b"\n") if self.rest else data.split(b"\n")
+        self.rest = lines.pop()
+        texts: list[Delta] = []
+        mixed = False
+        failure: UpstreamError | None = None
+        try:
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, `event:` lines
+                payload = line[5:].strip()  # also a `\r` of CRLF line ends
+                if payload == b"[DONE]":
+                    self.ended = True
+                    break
+                chunk = self._parse(payload)
+                if "usage" in chunk:
+                    self.usage = _usage(chunk["usage"]) or self.usage
+                for choice in chunk.get("choices") or ():
+                    if choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
+                    if len(delta) > ("role" in delta) + (text is not None):
+                        mixed = self._others.read(delta, texts) or mixed  # more than text
+                    elif text:
+                        texts.append(text)
+                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        except UpstreamError as exc:
+            failure = exc
+        if failure is None and len(self.rest) > MAX_LINE_BYTES:
+            failure = UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
+        if not texts:
+            return None, failure
+        # What one read brought is logged, woken and written as one batch.
+        self.deltas += len(texts)
+        if mixed:
+            return tuple(texts), failure
+        return (texts[0] if len(texts) == 1 else texts), failure  # type: ignore[return-value]
+
+    def consumer(self, deliver: Deliver) -> Consume:
+        """`feed` for `follow_body`: each read's deltas go to `deliver` as they come."""
+        feed = self.feed
+
+        def consume(data: bytes, at_eof: bool) -> bool:
+            if at_eof and self.rest:
+                data += b"\n"  # the last line had no newline
+            if data:
+                item, failure = feed(data)
+                if item is not None:
+                    deliver(item)
+                if failure is not None:
+                    raise failure
+            return self.ended
+
+        return consume
+
+    def finish(self, prompt_tokens_estimate: int) -> Finish:
+        if self.finish_reason is None:
+            raise UpstreamError(f"{self._label} ended the stream without a finish reason")
+        # Servers that ignore stream_options report no usage: count what came.
+        usage = self.usage or Usage(prompt_tokens_estimate, self.deltas)
+        return Finish(self._others.finish_reason(self.finish_reason), usage)
 
 
 def _authorization(key: str | None, url: URL) -> dict[str, str]:

@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from gateway.errors import UpstreamError
-from gateway.providers.base import Item, Provider
+from gateway.providers.base import Deliver, Item, Provider
 from gateway.schema import GenerationRequest
 
 BACKOFF_BASE_S = 0.5
@@ -50,7 +50,9 @@ class FallbackChain:
     async def aclose(self) -> None:
         """The providers are shared with their own catalog entries, which close them."""
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
+    async def stream(
+        self, request: GenerationRequest, deliver: Deliver | None = None
+    ) -> AsyncGenerator[Item, None]:
         failure: UpstreamError | None = None
         for attempt in self._attempts:
             for retry in range(attempt.max_retries + 1):
@@ -59,7 +61,7 @@ class FallbackChain:
                     await asyncio.sleep(backoff_s(retry - 1, failure.retry_after_s))
                 started = False
                 try:
-                    async with aclosing(attempt.provider.stream(request)) as items:
+                    async with aclosing(attempt.provider.stream(request, deliver)) as items:
                         async for item in items:
                             started = True
                             yield item

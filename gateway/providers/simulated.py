@@ -23,6 +23,7 @@ from gateway.chat import Message, Tool
 from gateway.config import SimulatedModel
 from gateway.errors import UpstreamError
 from gateway.providers.base import (
+    Deliver,
     Delta,
     Finish,
     FinishReason,
@@ -311,8 +312,11 @@ class SimulatedProvider:
     async def aclose(self) -> None:
         """Nothing to release: no connections are held."""
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Item, None]:
-        """Think (`reasoning_tokens`), then call tools or answer, at the model's pace.
+    async def stream(
+        self, request: GenerationRequest, deliver: Deliver | None = None
+    ) -> AsyncGenerator[Item, None]:
+        """Think (`reasoning_tokens`), then call tools or answer, at the model's pace
+        (each delta yielded: `deliver` is for upstreams that read sockets).
 
         `max_tokens` bounds the whole completion, thinking included, as it
         does for OpenAI's reasoning models.

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.events import Event
 from gateway.generation import Generation, Push
-from gateway.providers.base import Finish, Usage
+from gateway.providers.base import Deliver, Finish, Usage
 from gateway.schema import GenerationRequest
 
 
@@ -28,7 +28,9 @@ class ScriptedProvider:
     def __init__(self) -> None:
         self.items: asyncio.Queue[str | list[str] | None] = asyncio.Queue()
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | list[str] | Finish]:
+    async def stream(
+        self, request: GenerationRequest, deliver: Deliver | None = None
+    ) -> AsyncIterator[str | list[str] | Finish]:
         while (item := await self.items.get()) is not None:
             yield item
         yield Finish("stop", Usage(1, 0))
