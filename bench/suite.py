@@ -3,6 +3,7 @@
     python -m bench.suite                 # S1-S5, 3 rounds (about 15 minutes)
     python -m bench.suite --quick         # shorter runs, 1 round (about 2 minutes)
     python -m bench.suite --only S1,S4 --json /tmp/suite.json
+    python -m bench.suite --capacity --rounds 1 # the most paced streams carried, vs the relay
 
 Three kinds of process: the fake upstream `tests.fake_upstream` (OpenAI's
 chunk format, pre-encoded on its fast path), `gateway serve` with one
@@ -292,12 +293,87 @@ async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
     return rows
 
 
+#: Capacity: a count of 50 tokens/s streams is carried when TTFT p99 stays within
+#: direct's + 10 ms and inter-token p99 within ×1.1 of direct's, at that count.
+CAPACITY_TTFT_MS = 10.0
+CAPACITY_ITL = 1.1
+#: Where the search stops: the bracket is narrower than this share of its top.
+CAPACITY_PRECISION = 0.1
+
+
+def carried(direct: dict, through: dict) -> bool:
+    """Whether a run kept up with the upstream (and lost no stream)."""
+    return (
+        errors_of(through) == 0
+        and (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000 <= CAPACITY_TTFT_MS
+        and through["itl_p99_s"] <= CAPACITY_ITL * direct["itl_p99_s"]
+    )
+
+
+async def capacity_of(
+    target: Proc, transport: str, direct_at: Callable[[int], Any], quick: bool
+) -> tuple[int, float]:
+    """The largest count of paced streams `target` carries, found by doubling
+    then bisection; and its CPU per 1,000 tokens at that count."""
+    duration = 6 if quick else 12
+
+    async def probe(streams: int) -> tuple[bool, float]:
+        options = {"concurrency": streams, "tokens": 100, "duration_s": duration, "ramp_s": 1}
+        through = await load(target, target.url, transport, "paced-20", **options)
+        cpu = through["cpu_s"] * 1e6 / max(1, through["tokens"])
+        return carried(await direct_at(streams), through), cpu
+
+    low, high, cpu_at_low = 0, 50, 0.0
+    while True:  # double until a count is not carried
+        ok, cpu = await probe(high)
+        if not ok:
+            break
+        low, cpu_at_low, high = high, cpu, high * 2
+        if high > 4_000:
+            return low, cpu_at_low
+    while high - low > max(10, CAPACITY_PRECISION * high):
+        middle = (low + high) // 2
+        ok, cpu = await probe(middle)
+        if ok:
+            low, cpu_at_low = middle, cpu
+        else:
+            high = middle
+    return low, cpu_at_low
+
+
+async def capacity(up: Proc, gw: Proc, quick: bool) -> Runs:
+    """Issue 19's yardstick: streams carried through the gateway against the relay's."""
+    cache: dict[int, dict] = {}
+
+    async def direct_at(streams: int) -> dict:
+        if streams not in cache:
+            duration = 6 if quick else 12
+            options = {"concurrency": streams, "tokens": 100, "duration_s": duration, "ramp_s": 1}
+            cache[streams] = await load(up, up.url, "openai", "paced-20", **options)
+        return cache[streams]
+
+    assert up.relay is not None
+    relay, relay_cpu = await capacity_of(up.relay, "openai", direct_at, quick)
+    rows: Runs = {
+        "capacity relay floor": {"streams": float(relay), "CPU ms per 1k tokens": relay_cpu}
+    }
+    for transport in [t for t in TRANSPORTS_CHOSEN if t in ("openai", "sse")]:
+        streams, cpu = await capacity_of(gw, transport, direct_at, quick)
+        rows[f"capacity {transport}"] = {
+            "streams": float(streams),
+            "vs relay": streams / max(1, relay),
+            "CPU ms per 1k tokens": cpu,
+        }
+    return rows
+
+
 SCENARIOS: dict[str, Callable[[Proc, Proc, bool], Any]] = {
     "S1": s1_latency,
     "S2": s2_throughput,
     "S3": s3_many_slow,
     "S4": s4_disconnect,
     "S5": s5_scale,
+    "capacity": capacity,
 }
 
 #: metric → (target, True if the value must be below it)
@@ -312,6 +388,7 @@ TARGETS: dict[str, tuple[float, bool]] = {
     "upstream closed after drop max ms": (20.0, True),
     "tokens generated after drop max": (1.0, True),
     "errors": (0.0, True),
+    "vs relay": (0.7, False),
 }
 
 
@@ -325,7 +402,7 @@ def verdict(row: str, metric: str, value: float) -> str:
         "ITL p99 vs direct",
     ):
         return ""  # S3's other figures have their own targets above; S4's baseline has none
-    elif metric not in TARGETS:
+    elif (row.startswith("capacity") and metric != "vs relay") or metric not in TARGETS:
         return ""
     else:
         target, below = TARGETS[metric]
@@ -398,7 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every round's figures here")
     parser.add_argument("--transports", help="S1 and S3 only on these, e.g. openai,sse")
     parser.add_argument("--s3-streams", type=int, default=500, help="S3's concurrency")
+    parser.add_argument(
+        "--capacity",
+        action="store_true",
+        help="only the capacity search: the most 50 tokens/s streams the relay and the "
+        "gateway (openai, sse) carry within direct's TTFT p99 + 10 ms and ITL p99 ×1.1",
+    )
     args = parser.parse_args(argv)
+    if args.capacity:
+        args.only = "capacity"
     S3_STREAMS[0] = args.s3_streams
     if args.transports:
         TRANSPORTS_CHOSEN[:] = [t.strip() for t in args.transports.split(",")]
