@@ -271,9 +271,12 @@ async def last_answer(page: Page) -> str:
     return texts[-1] if texts else ""
 
 
-async def wait_answer_longer(page: Page, chars: int) -> None:
+async def wait_answer_longer(page: Page, chars: int, answers: int = 1) -> None:
+    """Until the `answers`-th assistant message exists and is over `chars` long (an
+    earlier, longer answer must not satisfy the wait for the next one)."""
+    texts = f"({ASSISTANT_TEXTS})()"
     await page.wait_for_function(
-        f"(({ASSISTANT_TEXTS})().at(-1) ?? '').length > {chars}", timeout=10_000
+        f"{texts}.length >= {answers} && {texts}.at(-1).length > {chars}", timeout=10_000
     )
 
 
@@ -359,7 +362,7 @@ async def test_stop_then_reload_resumes_nothing_a_dropped_answer_resumes_once(
     # The next question, and a reload in the middle of its answer (the connection drops,
     # the gateway keeps the generation running for a reader).
     await send(page, "Explain vector databases.")
-    await wait_answer_longer(page, 60)
+    await wait_answer_longer(page, 60, answers=2)
     body = app.traffic.posts[-1]
     assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
     expected_task = asyncio.ensure_future(reference_text(gateway.url, body))
