@@ -55,8 +55,8 @@ class _Parked:
         return False
 
     def set_result(self, _: object) -> None:
-        """A wake-up at an HTTP chunk boundary (the bytes come through `forward`):
-        aiohttp took us out of the slot; back in."""
+        """A wake-up (none is expected: the bytes and the end come through
+        `_Forwarding`); aiohttp took us out of the slot, so back in."""
         if not self._finished.done():
             self._reader._waiter = self  # type: ignore[assignment]
 
