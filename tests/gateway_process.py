@@ -7,10 +7,13 @@ fills up and blocks the gateway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +22,8 @@ from typing import Any
 import aiohttp
 import orjson
 import yaml
+
+from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Rate limits off: tests that are not about them must never be refused.
@@ -96,3 +101,76 @@ async def wait_healthy(
                         return
             except aiohttp.ClientConnectionError:
                 await asyncio.sleep(0.05)
+
+
+# -- `python -m gateway` on the repository's config.yaml, overridden by environment ----------
+
+
+async def start_process(port: int, **overrides: str) -> asyncio.subprocess.Process:
+    """`python -m gateway` with the repository's config.yaml, on `port`; waits for /healthz.
+
+    `overrides` are config keys as environment variables (`GATEWAY__SERVER__…`).
+    Its stdout and stderr are pipes: read them (`drain_pipe`) or the gateway blocks.
+    """
+    env = {**os.environ, "GATEWAY__SERVER__PORT": str(port), **overrides}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    await wait_healthy(f"http://127.0.0.1:{port}", process)
+    return process
+
+
+async def drain_pipe(stream: asyncio.StreamReader | None, keep: bytearray | None = None) -> None:
+    """Read a child's pipe to the end, so its logging never blocks on a full pipe;
+    the first 64 KiB go to `keep` if given (for a failure message)."""
+    if stream is None:
+        return
+    while data := await stream.read(65536):
+        if keep is not None:
+            keep += data[: 65536 - len(keep)]
+
+
+async def stop_process(
+    process: asyncio.subprocess.Process, drains: list[asyncio.Task[None]]
+) -> None:
+    """SIGTERM, then wait for the exit and for its pipes to be read to the end."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        await process.wait()
+        await asyncio.gather(*drains)
+
+
+@dataclass
+class ServedGateway:
+    url: str
+    process: asyncio.subprocess.Process
+
+
+@contextlib.asynccontextmanager
+async def serving(models: list[dict[str, Any]]) -> AsyncIterator[ServedGateway]:
+    """`python -m gateway` serving `models`, for pages in a browser: no rate limits,
+    warnings only, no shutdown grace; stopped at the end."""
+    port = free_port()
+    process = await start_process(
+        port,
+        GATEWAY__MODELS=json.dumps(models),  # JSON is YAML
+        GATEWAY__RATE_LIMIT__DEFAULT=json.dumps(NO_LIMITS),
+        GATEWAY__LOGGING__LEVEL="warning",
+        GATEWAY__SERVER__SHUTDOWN_GRACE_S="0",
+    )
+    loop = asyncio.get_running_loop()
+    drains = [
+        loop.create_task(drain_pipe(process.stdout)),
+        loop.create_task(drain_pipe(process.stderr)),
+    ]
+    try:
+        yield ServedGateway(f"http://127.0.0.1:{port}", process)
+    finally:
+        await stop_process(process, drains)

@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import json
 import re
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import require_binary
 from tests.fake_upstream import FakeUpstream
+from tests.gateway_process import ServedGateway, serving
 from tests.helpers import read_ndjson, text_of
-from tests.test_serve import free_port, start_process
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -57,13 +57,6 @@ FAIL_AFTER = 12
 #: A simulated model that thinks first and calls the tools a user message mentions.
 AGENT = "sim-agent"
 REASONING_TOKENS = 16
-
-
-@dataclass
-class Gateway:
-    url: str
-    process: asyncio.subprocess.Process
-    drains: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class CuttableProxy:
@@ -129,14 +122,6 @@ class CuttableProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def _drain(stream: asyncio.StreamReader | None) -> None:
-    """Read a child's pipe to the end, so its logging never blocks on a full pipe."""
-    if stream is None:
-        return
-    while await stream.read(65536):
-        pass
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def upstream() -> AsyncIterator[str]:
     fake = FakeUpstream(tokens=HTML_TOKENS, token_delay_s=0.03, record=False)
@@ -149,7 +134,7 @@ async def upstream() -> AsyncIterator[str]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(upstream: str) -> AsyncIterator[Gateway]:
+async def gateway(upstream: str) -> AsyncIterator[ServedGateway]:
     models = [
         {"name": "sim-1", "provider": "simulated", "tokens_per_second": 50, "first_token_ms": 100},
         {
@@ -175,27 +160,12 @@ async def gateway(upstream: str) -> AsyncIterator[Gateway]:
             "max_retries": 0,
         },
     ]
-    port = free_port()
-    process = await start_process(
-        port,
-        GATEWAY__MODELS=json.dumps(models),  # JSON is YAML
-        GATEWAY__RATE_LIMIT__DEFAULT=json.dumps(
-            {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
-        ),
-        GATEWAY__LOGGING__LEVEL="warning",
-        GATEWAY__SERVER__SHUTDOWN_GRACE_S="0",
-    )
-    loop = asyncio.get_running_loop()
-    drains = [loop.create_task(_drain(process.stdout)), loop.create_task(_drain(process.stderr))]
-    yield Gateway(f"http://127.0.0.1:{port}", process, drains)
-    process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(10):
-        await process.wait()
-        await asyncio.gather(*drains)
+    async with serving(models) as gateway:
+        yield gateway
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def proxy(gateway: Gateway) -> AsyncIterator[CuttableProxy]:
+async def proxy(gateway: ServedGateway) -> AsyncIterator[CuttableProxy]:
     proxy = CuttableProxy(int(gateway.url.rsplit(":", 1)[1]))
     await proxy.start()
     yield proxy
@@ -323,7 +293,7 @@ async def stop_sampler(page: Page) -> list[list[Any]]:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_each_transport_streams_into_the_page(
-    page: Page, gateway: Gateway, transport: str
+    page: Page, gateway: ServedGateway, transport: str
 ) -> None:
     prompt = f"Explain {transport} streaming."
     events_requests = await metric(gateway.url, "gateway_http_requests_total", route=EVENTS_ROUTE)
@@ -369,7 +339,9 @@ async def test_each_transport_streams_into_the_page(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_stop_cancels_on_the_server(page: Page, gateway: Gateway, transport: str) -> None:
+async def test_stop_cancels_on_the_server(
+    page: Page, gateway: ServedGateway, transport: str
+) -> None:
     label = METRIC_TRANSPORT[transport]
     before = await metric(
         gateway.url, "gateway_streams_total", transport=label, outcome="cancelled"
@@ -394,7 +366,7 @@ async def test_stop_cancels_on_the_server(page: Page, gateway: Gateway, transpor
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_dropped_connection_resumes(
-    page: Page, gateway: Gateway, proxy: CuttableProxy, transport: str
+    page: Page, gateway: ServedGateway, proxy: CuttableProxy, transport: str
 ) -> None:
     prompt = f"Explain resuming {transport}."
     label = METRIC_TRANSPORT[transport]
@@ -424,7 +396,7 @@ async def test_dropped_connection_resumes(
 
 @pytest.mark.parametrize("transport", ["sse", "ws", "chunked"])
 async def test_midstream_error_is_shown_inline(
-    page: Page, gateway: Gateway, transport: str
+    page: Page, gateway: ServedGateway, transport: str
 ) -> None:
     prompt = "Explain failure modes."
     await open_page(page, gateway.url)
@@ -450,7 +422,7 @@ async def test_midstream_error_is_shown_inline(
 # -- (e) model text is text, never HTML --------------------------------------------------------
 
 
-async def test_script_token_is_rendered_as_text(page: Page, gateway: Gateway) -> None:
+async def test_script_token_is_rendered_as_text(page: Page, gateway: ServedGateway) -> None:
     await open_page(page, gateway.url)
     scripts_before = await page.evaluate("document.scripts.length")
     await send(page, "ws", model="fake-html", prompt="Show me some HTML.")
@@ -579,7 +551,9 @@ async def agent_conversation(page: Page, transport: str) -> Traffic:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_agent_loop_with_browser_tools(page: Page, gateway: Gateway, transport: str) -> None:
+async def test_agent_loop_with_browser_tools(
+    page: Page, gateway: ServedGateway, transport: str
+) -> None:
     await open_page(page, gateway.url)
     traffic = await agent_conversation(page, transport)
 
@@ -622,7 +596,7 @@ async def test_agent_loop_with_browser_tools(page: Page, gateway: Gateway, trans
 # -- (g) a screenshot of the page mid-conversation ---------------------------------------------
 
 
-async def test_screenshot_of_the_demo_page(page: Page, gateway: Gateway) -> None:
+async def test_screenshot_of_the_demo_page(page: Page, gateway: ServedGateway) -> None:
     await open_page(page, gateway.url)
     # A first turn without tools (thinking, then text), then the two tool turns.
     prompt = "Explain vector databases."

@@ -18,9 +18,9 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.gateway_process import start_process
 from tests.helpers import assert_well_formed, fetch, read_ndjson, read_sse, text_of, ws_refusal
 from tests.redis_server import free_port
-from tests.test_serve import start_process
 
 StartProcess = Callable[..., Awaitable[asyncio.subprocess.Process]]
 

@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, Request, Response, async_playwright
 
 from tests.conftest import require_binary
-from tests.test_serve import free_port, start_process
+from tests.gateway_process import ServedGateway, drain_pipe, serving, stop_process
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -74,32 +74,8 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@dataclass
-class Gateway:
-    url: str
-    process: asyncio.subprocess.Process
-    drains: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-async def _drain(stream: asyncio.StreamReader | None, keep: bytearray | None = None) -> None:
-    """Read a child's pipe to the end, so its logging never blocks on a full pipe."""
-    if stream is None:
-        return
-    while data := await stream.read(65536):
-        if keep is not None:
-            keep += data[: 65536 - len(keep)]
-
-
-async def _stop(process: asyncio.subprocess.Process, drains: list[asyncio.Task[None]]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    async with asyncio.timeout(10):
-        await process.wait()
-        await asyncio.gather(*drains)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway() -> AsyncIterator[Gateway]:
+async def gateway() -> AsyncIterator[ServedGateway]:
     models = [
         {"name": "sim-1", "provider": "simulated", "tokens_per_second": 50, "first_token_ms": 100},
         {
@@ -110,24 +86,12 @@ async def gateway() -> AsyncIterator[Gateway]:
             "reasoning_tokens": 12,
         },
     ]
-    port = free_port()
-    process = await start_process(
-        port,
-        GATEWAY__MODELS=json.dumps(models),  # JSON is YAML
-        GATEWAY__RATE_LIMIT__DEFAULT=json.dumps(
-            {"requests_per_minute": 0, "tokens_per_minute": 0, "concurrent_streams": 0}
-        ),
-        GATEWAY__LOGGING__LEVEL="warning",
-        GATEWAY__SERVER__SHUTDOWN_GRACE_S="0",
-    )
-    loop = asyncio.get_running_loop()
-    drains = [loop.create_task(_drain(process.stdout)), loop.create_task(_drain(process.stderr))]
-    yield Gateway(f"http://127.0.0.1:{port}", process, drains)
-    await _stop(process, drains)
+    async with serving(models) as gateway:
+        yield gateway
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def app_url(dist: Path, gateway: Gateway) -> AsyncIterator[str]:
+async def app_url(dist: Path, gateway: ServedGateway) -> AsyncIterator[str]:
     """`vite preview` of the build, its proxy sending /v1 to the gateway."""
     node = require_binary("node")
     port = free_port()
@@ -152,8 +116,8 @@ async def app_url(dist: Path, gateway: Gateway) -> AsyncIterator[str]:
     output = bytearray()
     loop = asyncio.get_running_loop()
     drains = [
-        loop.create_task(_drain(process.stdout, output)),
-        loop.create_task(_drain(process.stderr, output)),
+        loop.create_task(drain_pipe(process.stdout, output)),
+        loop.create_task(drain_pipe(process.stderr, output)),
     ]
     url = f"http://127.0.0.1:{port}"
     try:
@@ -167,7 +131,7 @@ async def app_url(dist: Path, gateway: Gateway) -> AsyncIterator[str]:
                 await asyncio.sleep(0.1)
         yield url
     finally:
-        await _stop(process, drains)
+        await stop_process(process, drains)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -319,7 +283,7 @@ async def test_the_example_builds(dist: Path) -> None:
 
 
 async def test_stop_then_reload_resumes_nothing_a_dropped_answer_resumes_once(
-    app: App, app_url: str, gateway: Gateway
+    app: App, app_url: str, gateway: ServedGateway
 ) -> None:
     page = app.page
     await load(app, f"{app_url}/?max_tokens={LONG}&seed=3")

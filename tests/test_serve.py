@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from pathlib import Path
 
-from tests.gateway_process import wait_healthy
+from tests.gateway_process import start_process
 from tests.helpers import assert_well_formed, stream
 from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def start_process(port: int, **overrides: str) -> asyncio.subprocess.Process:
-    """`python -m gateway` with the repository's config.yaml, on `port`; waits for /healthz.
-
-    `overrides` are config keys as environment variables (`GATEWAY__SERVER__…`).
-    """
-    env = {**os.environ, "GATEWAY__SERVER__PORT": str(port), **overrides}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    await wait_healthy(f"http://127.0.0.1:{port}", process)
-    return process
 
 
 async def test_python_m_gateway_serves_the_default_config() -> None:
