@@ -53,6 +53,9 @@ class Proc:
     grace_zero: Proc | None = None
     #: On the upstream: `bench.relay` in front of it, the floor of any proxy (S2, S3).
     relay: Proc | None = None
+    #: On the upstream: `bench.aiohttp_floor`, the floor of a proxy on aiohttp's
+    #: server and client (S2, S3, starts).
+    floor: Proc | None = None
 
     @property
     def ps(self) -> psutil.Process:
@@ -196,11 +199,18 @@ async def s2_throughput(up: Proc, gw: Proc, quick: bool) -> Runs:
         "tokens/s vs direct": relay["tokens_per_s"] / direct["tokens_per_s"],
         "relay CPU ms per 1k tokens": relay["cpu_s"] * 1e6 / max(1, relay["tokens"]),
     }
+    assert up.floor is not None
+    floor = await load(up.floor, up.floor.url, "openai", "fast", **options)
+    rows["S2 aiohttp floor"] = {
+        "floor tokens/s vs relay": floor["tokens_per_s"] / relay["tokens_per_s"],
+        "floor CPU ms per 1k tokens": floor["cpu_s"] * 1e6 / max(1, floor["tokens"]),
+    }
     for transport in ("openai", "sse"):
         through = await load(gw, gw.url, transport, "fast", **options)
         rows[f"S2 {transport}"] = {
             "direct tokens/s": direct["tokens_per_s"],
             "tokens/s vs direct": through["tokens_per_s"] / direct["tokens_per_s"],
+            "tokens/s vs relay": through["tokens_per_s"] / relay["tokens_per_s"],
             "gateway CPU ms per 1k tokens": through["cpu_s"] * 1e6 / max(1, through["tokens"]),
             "errors": errors_of(through),
         }
@@ -225,6 +235,16 @@ async def s3_many_slow(up: Proc, gw: Proc, quick: bool) -> Runs:
             "relay CPU ms per 1k tokens": relay["cpu_s"] * 1e6 / max(1, relay["tokens"]),
         }
     }
+    assert up.floor is not None
+    floor = await load(up.floor, up.floor.url, "openai", "paced-20", **options)
+    relay_cpu = relay["cpu_s"] / max(1, relay["tokens"])
+    floor_cpu = floor["cpu_s"] / max(1, floor["tokens"])
+    rows["S3 aiohttp floor"] = {
+        "errors": errors_of(floor),
+        "ITL p99 vs direct": floor["itl_p99_s"] / direct["itl_p99_s"],
+        "floor CPU ms per 1k tokens": floor_cpu * 1e6,
+        "floor CPU vs relay": floor_cpu / max(1e-12, relay_cpu),
+    }
     for transport in TRANSPORTS_CHOSEN:
         through = await load(gw, gw.url, transport, "paced-20", **options)
         rows[f"S3 {transport}"] = {
@@ -233,6 +253,33 @@ async def s3_many_slow(up: Proc, gw: Proc, quick: bool) -> Runs:
             "ITL p99 vs direct": through["itl_p99_s"] / direct["itl_p99_s"],
             "gateway RSS peak MB": through["rss_peak"] / 2**20,
             "gateway CPU ms per 1k tokens": through["cpu_s"] * 1e6 / max(1, through["tokens"]),
+        }
+    return rows
+
+
+async def starts(up: Proc, gw: Proc, quick: bool) -> Runs:
+    """Issue 19's target 3: the CPU a stream start costs, against the relay's per
+    connection. One-token streams, a new client connection each (as the load
+    generator always opens), a few at a time so that nothing queues."""
+    options = {"concurrency": 4, "tokens": 1, "duration_s": 4 if quick else 10}
+    assert up.relay is not None
+    relay = await load(up.relay, up.relay.url, "openai", "fast", **options)
+    relay_ms = relay["cpu_s"] * 1000 / max(1, relay["completed"])
+    rows: Runs = {"starts relay floor": {"relay CPU ms per start": relay_ms}}
+    assert up.floor is not None
+    floor = await load(up.floor, up.floor.url, "openai", "fast", **options)
+    floor_ms = floor["cpu_s"] * 1000 / max(1, floor["completed"])
+    rows["starts aiohttp floor"] = {
+        "aiohttp floor CPU ms per start": floor_ms,
+        "floor start CPU vs relay": floor_ms / max(1e-9, relay_ms),
+    }
+    for transport in [t for t in TRANSPORTS_CHOSEN if t != "ws"]:
+        through = await load(gw, gw.url, transport, "fast", **options)
+        cpu_ms = through["cpu_s"] * 1000 / max(1, through["completed"])
+        rows[f"starts {transport}"] = {
+            "gateway CPU ms per start": cpu_ms,
+            "start CPU vs relay": cpu_ms / max(1e-9, relay_ms),
+            "errors": errors_of(through),
         }
     return rows
 
@@ -372,6 +419,7 @@ SCENARIOS: dict[str, Callable[[Proc, Proc, bool], Any]] = {
     "S2": s2_throughput,
     "S3": s3_many_slow,
     "S4": s4_disconnect,
+    "starts": starts,
     "S5": s5_scale,
     "capacity": capacity,
 }
@@ -380,8 +428,8 @@ SCENARIOS: dict[str, Callable[[Proc, Proc, bool], Any]] = {
 TARGETS: dict[str, tuple[float, bool]] = {
     "added TTFT p50 ms": (1.0, True),
     "added TTFT p99 ms": (3.0, True),
-    "tokens/s vs direct": (0.5, False),
-    "gateway CPU ms per 1k tokens": (10.0, True),
+    "tokens/s vs relay": (0.5, False),
+    "gateway CPU ms per 1k tokens": (5.0, True),
     "ITL p99 vs direct": (1.1, True),
     "gateway RSS peak MB": (100.0, True),
     "upstream closed after drop p50 ms": (5.0, True),
@@ -389,6 +437,8 @@ TARGETS: dict[str, tuple[float, bool]] = {
     "tokens generated after drop max": (1.0, True),
     "errors": (0.0, True),
     "vs relay": (0.7, False),
+    "start CPU vs relay": (3.0, True),
+    "CPU vs relay": (2.0, True),
 }
 
 
@@ -400,6 +450,7 @@ def verdict(row: str, metric: str, value: float) -> str:
     elif row.startswith(("S4 direct", "S4 gateway grace 10", "S3")) and metric not in (
         "errors",
         "ITL p99 vs direct",
+        "CPU vs relay",
     ):
         return ""  # S3's other figures have their own targets above; S4's baseline has none
     elif (row.startswith("capacity") and metric != "vs relay") or metric not in TARGETS:
@@ -441,6 +492,14 @@ async def run_suite(args: argparse.Namespace) -> list[Runs]:
             )
             stack.callback(up.relay.process.terminate)
             await wait_ready(up.relay.url, up.relay.process)
+            floor_port = free_port()
+            floor_command = ["-m", "bench.aiohttp_floor", "--port", str(floor_port)]
+            floor_command += ["--upstream-port", str(upstream_port)]
+            up.floor = Proc(
+                f"http://127.0.0.1:{floor_port}", await start(sys.executable, *floor_command)
+            )
+            stack.callback(up.floor.process.terminate)
+            await wait_ready(up.floor.url, up.floor.process)
             gateways = []
             for grace in (10, 0):
                 config = gateway_config(free_port(), up.url, grace)
