@@ -9,7 +9,9 @@ what the upstream saw (requests, bodies, headers, when its connection closed).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 from typing import Any
 
 import aiohttp
@@ -184,6 +186,34 @@ async def test_every_transport_streams_the_upstream_text_finish_and_usage(
     assert done["type"] == "done" and done["finish_reason"] == finish_reason
     assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 42, "total_tokens": 53}
     assert len(fake_upstream.requests) == 1 and fake_upstream.requests[0].completed
+
+
+@pytest.mark.parametrize("transport", EVERY_TRANSPORT)
+async def test_a_stream_leaves_no_async_generator_to_the_garbage_collector(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str
+) -> None:
+    """An unclosed async generator is finalised by the GC through the loop's
+    hook (`call_soon_threadsafe`, a wake-up and an `aclose` task): per stream,
+    that is cost on the start path and `finally` blocks run at a random time."""
+    finalised: list[str] = []
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+
+    def record(agen: Any) -> None:
+        finalised.append(agen.__qualname__)
+        assert finalizer is not None
+        finalizer(agen)
+
+    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
+    sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=record)
+    try:
+        for _ in range(3):
+            events = await EVERY_TRANSPORT[transport](server)
+            assert text_of(events) == TEXT
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=finalizer)
+    assert finalised == []
 
 
 @pytest.mark.parametrize("transport", STREAMING)

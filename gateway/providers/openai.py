@@ -18,6 +18,7 @@ closes the HTTP response, which closes the upstream TCP connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -152,10 +153,16 @@ class OpenAIProvider:
                         if response.status != 200:
                             raise await self._status_error(response)
                         responded = True
-                        async for item in self._read(response.content, request, deliver):
-                            if first_token_deadline.when() is not None:
-                                first_token_deadline.reschedule(None)
-                            yield item
+                        # Closed here, not left to the garbage collector: an
+                        # unclosed async generator is finalised through
+                        # `call_soon_threadsafe` (an eventfd write, a wake-up and
+                        # a task per stream; seen in strace under bench `starts`).
+                        reads = self._read(response.content, request, deliver)
+                        async with contextlib.aclosing(reads):
+                            async for item in reads:
+                                if first_token_deadline.when() is not None:
+                                    first_token_deadline.reschedule(None)
+                                yield item
             except aiohttp.ServerTimeoutError:  # before TimeoutError: it is one
                 silent = (
                     f"{self._label} was silent for {self._model.timeout_s} s or did not connect"
