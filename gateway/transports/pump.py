@@ -113,6 +113,7 @@ async def serve_stream(
                     write_timeout_s=streams.write_timeout_s,
                     heartbeat=wire.heartbeat,
                     heartbeat_s=streams.heartbeat_s,
+                    end=response.write_eof,
                 )
                 try:
                     await response.prepare(request)
@@ -139,12 +140,16 @@ async def _pump(
         while batch is not None:
             data = out + wire.frames(batch) if batch else out
             out = b""
-            await sink.write(data)
+            # The terminal event and the body's end go out in one send.
+            last = bool(batch) and batch[-1].terminal
+            await sink.write(data, last=last)
             if batch:
                 tracker.wrote(batch, len(data))
+            if last:
+                break
             subscription.push_tokens(push)  # the headers are out now
             batch = await subscription.next_batch()
-    await finish_response(response)
+    await finish_response(response)  # a no-op after a `last` write
 
 
 async def follow(

@@ -39,12 +39,15 @@ class ClientSink:
         write_timeout_s: float,
         heartbeat: bytes | None = None,
         heartbeat_s: float | None = None,
+        end: Writer | None = None,
     ) -> None:
+        """`end`, if given, writes the last bytes and ends the body in one send."""
         self._request = request
         #: Kept: `request.transport` is a property lookup, and `write_now` runs per token.
         #: After the connection is lost it reports `is_closing()`.
         self._transport = request.transport
         self._write = write
+        self._end = end
         self._write_timeout_s = write_timeout_s
         self._heartbeat = heartbeat
         self._heartbeat_s = heartbeat_s
@@ -71,13 +74,21 @@ class ClientSink:
             self._watchdog.cancel()
         return self._watchdog
 
-    async def write(self, data: bytes) -> None:
-        """Write or raise `ClientGone`; a stalled write is aborted by the watchdog."""
+    async def write(self, data: bytes, *, last: bool = False) -> None:
+        """Write or raise `ClientGone`; a stalled write is aborted by the watchdog.
+
+        `last`: nothing follows, so the body's end goes in the same send (one
+        system call a stream fewer) and no heartbeat is written after it.
+        """
         self._inflight += 1
         if self._pending_since is None:
             self._pending_since = self._loop.time()
+        if last and self._end is not None:
+            write, self._heartbeat = self._end, None
+        else:
+            write = self._write
         try:
-            await self._write(data)
+            await write(data)
         except ConnectionError as exc:
             raise ClientGone(str(exc)) from exc
         finally:
