@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -197,7 +197,7 @@ class OpenAIProvider:
         content: aiohttp.StreamReader,
         request: GenerationRequest,
         deliver: Deliver | None,
-    ) -> AsyncIterator[Item]:
+    ) -> AsyncGenerator[Item, None]:
         """Yield the deltas of each read, then one `Finish`.
 
         With `deliver`, only the first read's deltas are yielded: the rest of
