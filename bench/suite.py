@@ -253,6 +253,10 @@ async def s3_many_slow(up: Proc, gw: Proc, quick: bool) -> Runs:
             "ITL p99 vs direct": through["itl_p99_s"] / direct["itl_p99_s"],
             "gateway RSS peak MB": through["rss_peak"] / 2**20,
             "gateway CPU ms per 1k tokens": through["cpu_s"] * 1e6 / max(1, through["tokens"]),
+            "CPU vs relay": through["cpu_s"] / max(1, through["tokens"]) / max(1e-12, relay_cpu),
+            "CPU vs aiohttp floor": through["cpu_s"]
+            / max(1, through["tokens"])
+            / max(1e-12, floor_cpu),
         }
     return rows
 
@@ -279,6 +283,7 @@ async def starts(up: Proc, gw: Proc, quick: bool) -> Runs:
         rows[f"starts {transport}"] = {
             "gateway CPU ms per start": cpu_ms,
             "start CPU vs relay": cpu_ms / max(1e-9, relay_ms),
+            "start CPU vs aiohttp floor": cpu_ms / max(1e-9, floor_ms),
             "errors": errors_of(through),
         }
     return rows
