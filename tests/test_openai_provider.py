@@ -678,6 +678,28 @@ async def test_a_slow_but_steady_upstream_is_not_timed_out(
     assert text_of(events) == "tok " * 8 and events[-1]["type"] == "done"
 
 
+async def test_a_silence_late_in_a_followed_body_is_timed_out_on_time(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream
+) -> None:
+    """Past the first read the body is read in the connection's callback, where
+    the gateway, not aiohttp's per-read timer, bounds the silence: it is still
+    `timeout_s` after the last byte, give or take a timer's delay."""
+    fake_upstream.tokens, fake_upstream.token_delay_s = ["tok "] * 8, 0.1
+    fake_upstream.hang_after = 6
+    server = await gateway(start_gateway, openai_model(fake_upstream.base_url, timeout_s=0.4))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/stream/chunked"), json=BODY) as response:
+            events, times = [], []
+            async for line in response.content:
+                events.append(orjson.loads(line))
+                times.append(now())
+    assert text_of(events) == "tok " * 6
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "upstream_timeout"
+    silence = times[-1] - times[-2]
+    assert 0.4 <= silence < 0.4 + 0.25, silence
+    await fake_upstream.wait_closed(timeout=0.2)
+
+
 async def test_a_closed_port_is_an_upstream_error_after_retries(
     start_gateway: StartGateway,
 ) -> None:

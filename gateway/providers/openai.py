@@ -157,7 +157,7 @@ class OpenAIProvider:
                         # unclosed async generator is finalised through
                         # `call_soon_threadsafe` (an eventfd write, a wake-up and
                         # a task per stream; seen in strace under bench `starts`).
-                        reads = self._read(response.content, request, deliver)
+                        reads = self._read(response, request, deliver)
                         async with contextlib.aclosing(reads):
                             async for item in reads:
                                 if first_token_deadline.when() is not None:
@@ -194,7 +194,7 @@ class OpenAIProvider:
 
     async def _read(
         self,
-        content: aiohttp.StreamReader,
+        response: aiohttp.ClientResponse,
         request: GenerationRequest,
         deliver: Deliver | None,
     ) -> AsyncGenerator[Item, None]:
@@ -206,6 +206,7 @@ class OpenAIProvider:
         saves a task switch and this generator chain per upstream read.
         """
         chunks = _ChunkStream(self._label, self._parse)
+        content = response.content
         while not chunks.ended:
             data = await content.readany()
             if not data:
@@ -218,7 +219,9 @@ class OpenAIProvider:
             if failure is not None:
                 raise failure
             if item is not None and deliver is not None and not chunks.ended:
-                await follow_body(content, chunks.consumer(deliver))
+                consume = chunks.consumer(deliver)
+                silence_s = self._model.timeout_s  # the session's sock_read
+                await follow_body(content, consume, response.connection, silence_s)
                 break
         yield chunks.finish(request.prompt_tokens_estimate)
 
