@@ -107,6 +107,12 @@ async def serve_stream(
             with generation.subscribe(after_seq) as subscription:
                 first = await wire.before_headers(subscription, tracker)
                 response = wire.response(streams)
+                if new:
+                    # A new generation's `start` is in its log already, so the
+                    # headers can wait for it and go out in the same send (one
+                    # system call a stream fewer). aiohttp's opt-in to buffered
+                    # headers; were it gone, they would only go out on their own.
+                    response._send_headers_immediately = False
                 sink = ClientSink(
                     request,
                     response.write,
