@@ -113,9 +113,9 @@ class WebSocketSession:
         tasks = [task for task, _ in self._active.values()]
         for task in tasks:
             task.cancel()
-        watchdog = self._sink.stop()
-        if watchdog is not None:
-            tasks.append(watchdog)
+        beat = self._sink.stop()
+        if beat is not None:
+            tasks.append(beat)
         if tasks:
             await asyncio.wait(tasks)
         if self._releasing:  # the forwarders' done callbacks started these
