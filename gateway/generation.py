@@ -104,6 +104,9 @@ class Generation:
         #: Names of the functions the model called, in order (for logs and metrics).
         self.tool_calls: list[str] = []
         self.reasoning_events = 0
+        #: Answer deltas appended (several may share one event): the completion's
+        #: size when the upstream reports no usage, and what budgets charge.
+        self.deltas = 0
 
     # -- lifecycle --------------------------------------------------------
 
@@ -148,7 +151,7 @@ class Generation:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.events) - 1 if not self.finished else len(self.events) - 2
+        return self.deltas
 
     def cancel(self, cause: StopCause = "cancelled", error: GatewayError | None = None) -> None:
         """Stop the upstream. The log ends with `done{cancelled}`, or `error` if given."""
@@ -248,9 +251,12 @@ class Generation:
         self._wake([event])
 
     def _append_tokens(self, texts: Sequence[str]) -> None:
-        """Token events for the deltas of one upstream read, with one wake-up for all."""
-        seq = len(self.events)
-        self._log([Event.token(self.id, seq + i, text) for i, text in enumerate(texts)])
+        """The text deltas of one upstream read, as one token event (the contract
+        lets one read's deltas be coalesced): one event, encoding, wake-up and
+        write however many deltas a fast upstream packed into the read."""
+        self.deltas += len(texts)
+        text = texts[0] if len(texts) == 1 else "".join(texts)
+        self._log([Event.token(self.id, len(self.events), text)])
 
     def _append_deltas(self, deltas: Sequence[Delta]) -> None:
         """Events for a read that brought reasoning or tool-call deltas, in upstream order."""
@@ -269,6 +275,7 @@ class Generation:
             kind: EventType = "tool_call" if isinstance(delta, ToolCallDelta) else "reasoning"
             added.append(Event(self.id, kind, seq + len(added), delta.fields()))
         if added:
+            self.deltas += len(added)
             self._log(added)
 
     def _log(self, added: list[Event]) -> None:

@@ -57,6 +57,24 @@ def text_of(events: Events) -> str:
     return "".join(e["text"] for e in events if e["type"] == "token")
 
 
+def whole_deltas(texts: list[str], deltas: list[str] | tuple[str, ...]) -> bool:
+    """`texts` are `deltas` in order, each a run of whole deltas: the gateway may put
+    the deltas of one upstream read in one event, never split or reorder one."""
+    index = 0
+    for text in texts:
+        run = ""
+        while len(run) < len(text) and index < len(deltas):
+            run += deltas[index]
+            index += 1
+        if run != text:
+            return False
+    return index == len(deltas)
+
+
+def token_texts(events: Events) -> list[str]:
+    return [e["text"] for e in events if e["type"] == "token"]
+
+
 def assert_well_formed(events: Events, first_seq: int = 0) -> None:
     """Seqs contiguous from `first_seq`; exactly one terminal event, last."""
     assert [e["seq"] for e in events] == list(range(first_seq, first_seq + len(events)))

@@ -28,7 +28,16 @@ from tests.fake_upstream import (
     StartFakeUpstream,
     large_delta,
 )
-from tests.helpers import SECRET, assert_well_formed, openai_model, read_ndjson, read_sse, text_of
+from tests.helpers import (
+    SECRET,
+    assert_well_formed,
+    openai_model,
+    read_ndjson,
+    read_sse,
+    text_of,
+    token_texts,
+    whole_deltas,
+)
 from tests.redis_server import free_port
 from tests.sse_parser import SseParser
 from tests.tool_helpers import (
@@ -181,7 +190,7 @@ async def test_every_transport_streams_the_upstream_text_finish_and_usage(
     assert text_of(events) == TEXT
     if transport in {"chunked", "sse", "ws"}:
         assert_well_formed(events)
-        assert [e["text"] for e in events if e["type"] == "token"] == list(DEFAULT_TOKENS)
+        assert whole_deltas(token_texts(events), DEFAULT_TOKENS)
     done = events[-1]
     assert done["type"] == "done" and done["finish_reason"] == finish_reason
     assert done["usage"] == {"prompt_tokens": 11, "completion_tokens": 42, "total_tokens": 53}
@@ -214,6 +223,23 @@ async def test_a_stream_leaves_no_async_generator_to_the_garbage_collector(
     finally:
         sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=finalizer)
     assert finalised == []
+
+
+@pytest.mark.parametrize("transport", STREAMING)
+async def test_the_deltas_of_one_read_are_one_event_and_still_count_as_tokens(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str
+) -> None:
+    """A fast upstream packs many deltas into one read: they become one event (one
+    encoding, one wake-up, one write), and the usage still counts every delta."""
+    fake_upstream.tokens = [f"t{i} " for i in range(40)]
+    fake_upstream.token_delay_s = None  # back to back: they share reads
+    fake_upstream.send_usage = False  # the gateway counts the completion itself
+    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
+    events = await STREAMING[transport](server)
+    texts = token_texts(events)
+    assert whole_deltas(texts, fake_upstream.tokens)
+    assert len(texts) < len(fake_upstream.tokens)
+    assert events[-1]["usage"]["completion_tokens"] == 40
 
 
 @pytest.mark.parametrize("transport", STREAMING)
@@ -781,7 +807,7 @@ async def two_tokens_then_an_error(
     model = openai_model(fake_upstream.base_url, max_retries=3, fallbacks=["sim-1"])
     server = await gateway(start_gateway, model)
     events = await STREAMING[transport](server)
-    assert [e["text"] for e in events if e["type"] == "token"] == ["Hel", "lo"]
+    assert whole_deltas(token_texts(events), ["Hel", "lo"])
     error = events[-1]
     assert error["type"] == "error" and error["code"] == "upstream_error"
     return events, error
@@ -811,7 +837,7 @@ async def test_text_then_a_tool_call_reach_every_transport_in_order(
     model = openai_model(fake_upstream.base_url, max_retries=3, fallbacks=["sim-1"])
     events = await STREAMING[transport](await gateway(start_gateway, model))
     assert [e["type"] for e in events[-4:]] == ["token", "tool_call", "tool_call", "done"]
-    assert [e["text"] for e in events if e["type"] == "token"] == ["Hel", "lo"]
+    assert whole_deltas(token_texts(events), ["Hel", "lo"])
     call = {"id": "call_1", "name": "get_weather", "arguments": '{"city":"Oslo"}'}
     assert tool_calls_of(events) == {0: call}
     assert events[-1]["finish_reason"] == "tool_calls"
@@ -859,7 +885,7 @@ async def test_an_in_stream_error_is_redacted_and_raised_by_the_sdk(
         with pytest.raises(openai.APIError) as error:
             async for chunk in stream:
                 deltas += [c.delta.content for c in chunk.choices if c.delta.content]
-    assert deltas == ["Hel", "lo"]
+    assert whole_deltas(deltas, ["Hel", "lo"])
     assert "upstream exploded" in error.value.message
     assert SECRET not in error.value.message and "123456" not in error.value.message
 

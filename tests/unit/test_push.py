@@ -87,13 +87,15 @@ async def test_pushed_tokens_do_not_wake_the_reader_and_the_end_does() -> None:
     for item in ("a", ["b", "c", "d"], "e"):
         provider.items.put_nowait(item)
         await settle()
-    assert [texts(batch) for batch in pushed] == [["a"], ["b", "c", "d"], ["e"]]
-    assert [[e.seq for e in batch] for batch in pushed] == [[1], [2, 3, 4], [5]]
+    # One upstream read's deltas are one event.
+    assert [texts(batch) for batch in pushed] == [["a"], ["bcd"], ["e"]]
+    assert [[e.seq for e in batch] for batch in pushed] == [[1], [2], [3]]
     assert [[e.type for e in batch] for batch in woken] == [["start"]]
     provider.items.put_nowait(None)
     await asyncio.wait_for(reader, 2)
     assert [[e.type for e in batch] for batch in woken] == [["start"], ["done"]]
-    assert woken[-1][0].seq == 6
+    assert woken[-1][0].seq == 4
+    assert gen.completion_tokens == 5  # every delta counts
 
 
 async def test_a_refused_push_wakes_the_reader_with_those_events() -> None:
@@ -169,20 +171,14 @@ async def test_a_cancelled_reader_is_neither_pushed_to_nor_woken() -> None:
     assert texts(gen.events) == ["late"]
 
 
-async def test_batched_deltas_get_consecutive_seqs_and_count_their_bytes() -> None:
+async def test_one_reads_deltas_are_one_event_that_counts_each_delta_and_its_bytes() -> None:
     provider = ScriptedProvider()
     gen = generation(provider)
     gen.start()
     provider.items.put_nowait(["é", "\ud83d", "z"])  # a lone surrogate is scrubbed
     provider.items.put_nowait(None)
     await asyncio.wait_for(gen.wait(), 2)
-    assert [(e.type, e.seq) for e in gen.events] == [
-        ("start", 0),
-        ("token", 1),
-        ("token", 2),
-        ("token", 3),
-        ("done", 4),
-    ]
-    assert texts(gen.events) == ["é", "\ufffd", "z"]
+    assert [(e.type, e.seq) for e in gen.events] == [("start", 0), ("token", 1), ("done", 2)]
+    assert texts(gen.events) == ["é\ufffdz"]
     assert gen.completion_tokens == 3
     assert gen.size_bytes > sum(len(e.json) for e in gen.events)
