@@ -4,7 +4,10 @@
         --concurrency 500 --duration-s 30 --tokens 100
 
 It must not be the bottleneck, so it does not parse events: it counts each
-transport's token marker in the raw bytes (one WebSocket message per event).
+transport's token marker in the raw bytes (one WebSocket message per event),
+or with `--mark` a text each upstream token carries (the suite counts the
+fake upstream's `tok `, since the gateway may put the tokens of one upstream
+read in one event).
 `--streams` streams run, `--concurrency` at a time (all at once without it),
 their starts spread over `--ramp-s`; `--duration-s` instead keeps
 `--concurrency` streams running, each starting a new one when it ends.
@@ -120,7 +123,7 @@ class Generator:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.totals = Totals()
-        self.mark = MARKS[args.transport]
+        self.mark = args.mark.encode() if args.mark else MARKS[args.transport]
         self.counter = 0
 
     def body(self, index: int) -> bytes:
@@ -286,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="run", help="part of recorded request ids")
     parser.add_argument("--bearer", help="send Authorization: Bearer <this>")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument(
+        "--mark",
+        help="count this text instead of the transport's token marker: one per upstream "
+        "token, however the server groups tokens into events (the fake upstream's `tok `)",
+    )
     args = parser.parse_args(argv)
     from gateway.server import new_event_loop
 

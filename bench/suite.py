@@ -36,6 +36,9 @@ import psutil
 
 from bench.sse_streams import NO_LIMITS, free_port, gateway_process, wait_ready
 
+#: What each of the fake upstream's tokens says on its fast path: counted by the
+#: load generator, since the gateway may put one read's tokens in one event.
+TOKEN_TEXT = "tok "
 #: Gateway model name = the upstream's pacing (see `pacing` in tests/fake_upstream.py).
 MODELS = ("fast", "paced-20", "paced-1000")
 TRANSPORTS = ("openai", "sse", "chunked", "ws")
@@ -127,7 +130,7 @@ class RssSampler:
 async def load(watched: Proc, url: str, transport: str, model: str, **options: Any) -> dict:
     """One loadgen run against `url`; CPU and RSS are `watched`'s."""
     args = [sys.executable, "-m", "bench.loadgen", "--url", url]
-    args += ["--transport", transport, "--model", model]
+    args += ["--transport", transport, "--model", model, "--mark", TOKEN_TEXT]
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     ps = watched.ps
@@ -167,6 +170,14 @@ async def s1_latency(up: Proc, gw: Proc, quick: bool) -> Runs:
     options = {"streams": streams, "tokens": 64, "concurrency": 1}
     direct = await load(up, up.url, "openai", "fast", **options)
     rows: Runs = {}
+    assert up.relay is not None and up.floor is not None
+    for name, floor in (("relay floor", up.relay), ("aiohttp floor", up.floor)):
+        through = await load(floor, floor.url, "openai", "fast", **options)
+        rows[f"S1 {name}"] = {
+            "direct TTFT p50 ms": direct["ttft_p50_s"] * 1000,
+            "floor added TTFT p50 ms": (through["ttft_p50_s"] - direct["ttft_p50_s"]) * 1000,
+            "floor added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
+        }
     for transport in TRANSPORTS_CHOSEN:
         through = await load(gw, gw.url, transport, "fast", **options)
         rows[f"S1 {transport}"] = {
