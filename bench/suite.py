@@ -420,6 +420,13 @@ async def capacity(up: Proc, gw: Proc, quick: bool) -> Runs:
     rows: Runs = {
         "capacity relay floor": {"streams": float(relay), "CPU ms per 1k tokens": relay_cpu}
     }
+    assert up.floor is not None
+    floor, floor_cpu = await capacity_of(up.floor, "openai", direct_at, quick)
+    rows["capacity aiohttp floor"] = {
+        "streams": float(floor),
+        "floor vs relay": floor / max(1, relay),
+        "CPU ms per 1k tokens": floor_cpu,
+    }
     for transport in [t for t in TRANSPORTS_CHOSEN if t in ("openai", "sse")]:
         streams, cpu = await capacity_of(gw, transport, direct_at, quick)
         rows[f"capacity {transport}"] = {
