@@ -348,9 +348,12 @@ async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
             # Shed by the open-files cap (2 sockets a stream, see gateway/shedding.py).
             "of which 503": float(through["errors"].get("HTTP 503", 0)),
             "peak open": float(through["peak_open"]),
+            # Streams the gateway answered and held at once: what its memory holds
+            # (`peak open` counts the client's connections, some still queued).
+            "peak held": float(through["held_peak"]),
             "gateway RSS peak MB": through["rss_peak"] / 2**20,
-            "RSS per stream KiB": (through["rss_peak"] - through["rss_before"])
-            / max(1, through["peak_open"])
+            "RSS per held stream KiB": (through["rss_peak"] - through["rss_before"])
+            / max(1, through["held_peak"])
             / 1024,
         }
     return rows
