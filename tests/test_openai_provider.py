@@ -665,7 +665,11 @@ async def test_first_token_timeout(
     assert [e["type"] for e in events] == ["start", "error"]
     assert events[-1]["code"] == "upstream_timeout" and events[-1]["retryable"] is True
     assert "0.5 s" in events[-1]["message"]
-    await fake_upstream.wait_closed(timeout=0.2)  # and the upstream request was closed
+    # And the upstream request was closed. On a loaded machine the timeout can
+    # fire before the fake's handler has even read the request (CI saw it once:
+    # no request recorded); then the connection is gone before it was served.
+    if fake_upstream.requests:
+        await fake_upstream.wait_closed(timeout=0.2)
 
 
 async def test_first_token_timeout_is_retried_and_is_504_on_chat_completions(
