@@ -497,6 +497,16 @@ def report(rounds: list[Runs]) -> str:
     return "\n".join(lines)
 
 
+async def in_front(stack: contextlib.AsyncExitStack, module: str, upstream_port: int) -> Proc:
+    """A floor (`bench.relay`, `bench.aiohttp_floor`) in front of the upstream, ready."""
+    port = free_port()
+    command = ["-m", module, "--port", str(port), "--upstream-port", str(upstream_port)]
+    proc = Proc(f"http://127.0.0.1:{port}", await start(sys.executable, *command))
+    stack.callback(proc.process.terminate)
+    await wait_ready(proc.url, proc.process)
+    return proc
+
+
 async def run_suite(args: argparse.Namespace) -> list[Runs]:
     fds = raise_fd_limit()
     # The capacity search is long and has a flag of its own: not in the default run.
@@ -510,22 +520,8 @@ async def run_suite(args: argparse.Namespace) -> list[Runs]:
     try:
         async with contextlib.AsyncExitStack() as stack:
             await wait_ready(up.url, up.process)
-            relay_port = free_port()
-            relay_command = ["-m", "bench.relay", "--port", str(relay_port)]
-            relay_command += ["--upstream-port", str(upstream_port)]
-            up.relay = Proc(
-                f"http://127.0.0.1:{relay_port}", await start(sys.executable, *relay_command)
-            )
-            stack.callback(up.relay.process.terminate)
-            await wait_ready(up.relay.url, up.relay.process)
-            floor_port = free_port()
-            floor_command = ["-m", "bench.aiohttp_floor", "--port", str(floor_port)]
-            floor_command += ["--upstream-port", str(upstream_port)]
-            up.floor = Proc(
-                f"http://127.0.0.1:{floor_port}", await start(sys.executable, *floor_command)
-            )
-            stack.callback(up.floor.process.terminate)
-            await wait_ready(up.floor.url, up.floor.process)
+            up.relay = await in_front(stack, "bench.relay", upstream_port)
+            up.floor = await in_front(stack, "bench.aiohttp_floor", upstream_port)
             gateways = []
             for grace in (10, 0):
                 config = gateway_config(free_port(), up.url, grace)
