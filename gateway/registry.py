@@ -88,7 +88,7 @@ class GenerationRegistry:
         self._running[generation.id] = generation
         if self._shared_log is not None:
             self._shared_log.own(generation)
-        if lease is not None:
+        if lease is not None and lease.limiter is not None:  # else no limit holds anything
             self._leases[generation.id] = lease
         generation.start()
         return generation
@@ -117,9 +117,7 @@ class GenerationRegistry:
                 if not waiter.done():
                     waiter.set_result(None)
         lease = self._leases.pop(generation.id, None)
-        if lease is not None and lease.limiter is None:
-            lease.released = True  # no limit held anything: no task to release it
-        elif lease is not None:
+        if lease is not None:
             task = asyncio.get_running_loop().create_task(lease.release(generation.used_tokens))
             self._releasing.add(task)
             task.add_done_callback(self._releasing.discard)

@@ -309,7 +309,7 @@ class _ChunkStream:
         failure: UpstreamError | None = None
         try:
             for payload in payloads:
-                if payload == b"[DONE]" or (payload[:6] == b"[DONE]" and not payload[6:].strip()):
+                if payload[:6] == b"[DONE]" and not payload[6:].strip():
                     self.ended = True
                     break
                 chunk = self._parse(payload)
