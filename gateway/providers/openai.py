@@ -1,7 +1,9 @@
 """Any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, llama.cpp, Azure OpenAI).
 
-The chat completion is requested with aiohttp directly and its stream read
-raw. The `openai` SDK did this job first; on its aiohttp transport it still
+The chat completion is requested over our own small HTTP/1.1 client
+(`upstream_http.py`: aiohttp's client did it before, and cost more per
+read and per request) and its stream read raw. The `openai` SDK did this
+job first; on its aiohttp transport it still
 cost ~30% of the gateway's CPU per paced token (request building with its
 typed transforms, then five async-iterator layers of httpx2 per chunk,
 py-spy under bench/suite.py S3), for what is one POST and a line splitter:
@@ -33,7 +35,13 @@ from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.events import dumps_compact
 from gateway.providers.base import Deliver, Delta, Finish, Item, Usage
 from gateway.providers.openai_deltas import DeltaReader
-from gateway.providers.read_callback import Consume, follow_body
+from gateway.providers.upstream_http import (
+    Consume,
+    Exchange,
+    UpstreamConnectError,
+    UpstreamPool,
+    UpstreamSilent,
+)
 from gateway.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -73,7 +81,7 @@ class OpenAIProvider:
         # carry credentials. It goes to the log, with any userinfo redacted.
         self._label = f"upstream {model.name!r}"
         self._logged_url = _without_userinfo(model.base_url)
-        # Parsed once: aiohttp would parse a str URL on every request.
+        # Parsed once, into the request line and Host header of every request.
         url = URL(model.base_url.rstrip("/") + "/chat/completions")
         self._url = url.with_user(None).with_password(None) if url.user else url
         self._headers = {
@@ -85,35 +93,22 @@ class OpenAIProvider:
             **_authorization(self._key, url),
             **model.headers,
         }
-        self._session: aiohttp.ClientSession | None = None
+        self._connections: UpstreamPool | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
+    def _pool(self) -> UpstreamPool:
         """One pool per upstream, made in the running loop on first use."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
+        if self._connections is None:
+            self._connections = UpstreamPool(
+                self._url,
+                headers=self._headers,
                 limit=self._model.max_connections,
-                # A stream that ends hands its connection to the next one.
-                keepalive_timeout=30,
-                ttl_dns_cache=60,
+                connect_timeout_s=min(_CONNECT_TIMEOUT_S, self._model.timeout_s),
             )
-            timeout = aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=min(_CONNECT_TIMEOUT_S, self._model.timeout_s),
-                sock_read=self._model.timeout_s,  # the longest silence between chunks
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                raise_for_status=False,
-                # One session serves every caller: a cookie the upstream sets in
-                # one caller's answer must never go out with another's request.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
+        return self._connections
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._connections is not None:
+            await self._connections.aclose()
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         extra: dict[str, Any] = dict(request.passthrough)
@@ -145,17 +140,13 @@ class OpenAIProvider:
         # Right-sized: the body lives as long as the stream (10,000 streams
         # held 34 MB of orjson's 4 KiB buffers, tracemalloc under S5's load).
         body = dumps_compact(self._body(request))
-        headers = self._headers
-        if request.request_id:
-            headers = {**headers, "X-Request-ID": request.request_id}
+        extra = {"X-Request-ID": request.request_id} if request.request_id else {}
         responded = False
         try:
             try:
-                # First token within timeout_s (sock_read bounds each gap after it).
+                # First token within timeout_s; no silence longer than timeout_s after it.
                 async with asyncio.timeout(self._model.timeout_s) as first_token_deadline:
-                    async with self._client().post(
-                        self._url, data=body, headers=headers
-                    ) as response:
+                    async with self._pool().post(body, extra, self._model.timeout_s) as response:
                         if response.status != 200:
                             raise await self._status_error(response)
                         responded = True
@@ -169,7 +160,7 @@ class OpenAIProvider:
                                 if first_token_deadline.when() is not None:
                                     first_token_deadline.reschedule(None)
                                 yield item
-            except aiohttp.ServerTimeoutError:  # before TimeoutError: it is one
+            except UpstreamSilent:
                 silent = (
                     f"{self._label} was silent for {self._model.timeout_s} s or did not connect"
                 )
@@ -177,11 +168,11 @@ class OpenAIProvider:
             except TimeoutError:
                 message = f"{self._label} sent no token within {self._model.timeout_s} s"
                 raise UpstreamTimeout(message) from None
-            except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+            except UpstreamConnectError as exc:
                 raise UpstreamError(
                     f"{self._label} connection failed: {_cause_name(exc)}", result="connect_error"
                 ) from None
-            except (aiohttp.ClientError, ConnectionError) as exc:
+            except ConnectionError as exc:
                 raise UpstreamError(
                     f"{self._label} connection failed: {_cause_name(exc)}",
                     result="stream_error" if responded else "connect_error",
@@ -199,22 +190,18 @@ class OpenAIProvider:
             raise
 
     async def _read(
-        self,
-        response: aiohttp.ClientResponse,
-        request: GenerationRequest,
-        deliver: Deliver | None,
+        self, response: Exchange, request: GenerationRequest, deliver: Deliver | None
     ) -> AsyncGenerator[Item, None]:
         """Yield the deltas of each read, then one `Finish`.
 
         With `deliver`, only the first read's deltas are yielded: the rest of
         the body is parsed inside the connection's read callback and each
-        read's deltas handed to `deliver` there (`read_callback.py`), which
+        read's deltas handed to `deliver` there (`Exchange.follow`), which
         saves a task switch and this generator chain per upstream read.
         """
         chunks = _ChunkStream(self._label, self._parse)
-        content = response.content
         while not chunks.ended:
-            data = await content.readany()
+            data = await response.readany()
             if not data:
                 if not chunks.rest:
                     break
@@ -225,9 +212,7 @@ class OpenAIProvider:
             if failure is not None:
                 raise failure
             if item is not None and deliver is not None and not chunks.ended:
-                consume = chunks.consumer(deliver)
-                silence_s = self._model.timeout_s  # the session's sock_read
-                await follow_body(content, consume, response.connection, silence_s)
+                await response.follow(chunks.consumer(deliver))
                 break
         yield chunks.finish(request.prompt_tokens_estimate)
 
@@ -244,16 +229,13 @@ class OpenAIProvider:
             raise UpstreamError(f"{self._label} failed mid-stream: {message}")
         return chunk
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> UpstreamError:
+    async def _status_error(self, response: Exchange) -> UpstreamError:
         status = response.status
-        try:
-            raw = await response.content.read(_MAX_ERROR_BODY)
-        except (aiohttp.ClientError, ConnectionError):
-            raw = b""
+        raw = await response.read(_MAX_ERROR_BODY)
         message = redact(_error_message(raw, response.reason), self._key)
         text = f"{self._label} answered {status}: {message}"
         if status in RETRYABLE_STATUSES:
-            retry_after = _retry_after(response.headers.get("Retry-After"))
+            retry_after = _retry_after(response.headers.get("retry-after"))
             return UpstreamError(
                 text,
                 status=429 if status == 429 else 502,
@@ -338,7 +320,7 @@ class _ChunkStream:
         return (texts[0] if len(texts) == 1 else texts), failure  # type: ignore[return-value]
 
     def consumer(self, deliver: Deliver) -> Consume:
-        """`feed` for `follow_body`: each read's deltas go to `deliver` as they come."""
+        """`feed` for `Exchange.follow`: each read's deltas go to `deliver` as they come."""
         feed = self.feed
 
         def consume(data: bytes, at_eof: bool) -> bool:
