@@ -40,6 +40,11 @@ class ConfigError(Exception):
     """A configuration problem: one line per problem, each naming its key."""
 
 
+#: An HTTP header's name (RFC 9110 token) and a value that cannot start another header.
+HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+HeaderValue = Annotated[str, Field(pattern=r"^[^\r\n\x00]*$")]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -115,10 +120,11 @@ class SimulatedModel(_Section):
 class OpenAIModel(_Section):
     name: str = Field(min_length=1)
     provider: Literal["openai"]
-    base_url: str = "https://api.openai.com/v1"
+    base_url: str = Field(default="https://api.openai.com/v1", pattern=r"^https?://[^/?#]+")
     api_key: SecretStr | None = None
     upstream_model: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    #: Sent with every request as given: names are HTTP tokens, values one line.
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
     timeout_s: StrictFloat = Field(default=60, gt=0)
     max_retries: StrictInt = Field(default=2, ge=0, le=10)
     fallbacks: tuple[str, ...] = ()

@@ -81,6 +81,7 @@ class Exchange(asyncio.Protocol):
         self._pieces: list[bytes] = []
         self._buffered: collections.deque[bytes] = collections.deque()
         self._complete = False
+        self._keep_alive = False
         self._failure: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._consume: Consume | None = None
@@ -143,6 +144,8 @@ class Exchange(asyncio.Protocol):
         self._pieces.append(body)
 
     def on_message_complete(self) -> None:
+        # Read now: once `feed_data` returns, llhttp has reset for the next message.
+        self._keep_alive = self._parser.should_keep_alive()
         self._complete = True
 
     # -- reading -----------------------------------------------------------
@@ -279,7 +282,7 @@ class Exchange(asyncio.Protocol):
             and self._failure is None
             and self.transport is not None
             and not self.transport.is_closing()
-            and self._parser.should_keep_alive()
+            and self._keep_alive
         )
 
     @property
@@ -299,6 +302,7 @@ class Exchange(asyncio.Protocol):
         """Ready for the next request on this connection."""
         self.stop_watching()
         self.end_drain()
+        self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def close(self) -> None:
