@@ -277,6 +277,8 @@ class UpstreamRequest:
     aborted: bool = False
     #: The whole response was written.
     completed: bool = False
+    #: The client's address and port: one per connection it used.
+    peer: Any = None
 
 
 # -- the fast path: what the benchmarks measure against -----------------------
@@ -500,6 +502,7 @@ class FakeUpstream:
             return await self.paced.stream(request, body, *paced)
         loop = asyncio.get_running_loop()
         record = UpstreamRequest(body, CIMultiDict(request.headers), loop.time())
+        record.peer = request.transport.get_extra_info("peername") if request.transport else None
         if self.record:
             self.requests.append(record)
         if self.fail_status is not None and self.failures_sent < self.fail_times:

@@ -197,6 +197,23 @@ async def test_every_transport_streams_the_upstream_text_finish_and_usage(
     assert len(fake_upstream.requests) == 1 and fake_upstream.requests[0].completed
 
 
+@pytest.mark.parametrize("token_delay_s", [None, 0.01], ids=["back-to-back", "paced"])
+async def test_streams_one_after_another_reuse_one_upstream_connection(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, token_delay_s: float | None
+) -> None:
+    """A connect (and, to a real upstream, a TLS handshake) per stream would
+    cost every stream start; the answer's `[DONE]` comes before the body's end,
+    so the connection is pooled once that end arrives."""
+    fake_upstream.token_delay_s = token_delay_s
+    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
+    for _ in range(4):
+        events = await EVERY_TRANSPORT["chunked"](server)
+        assert events[-1]["type"] == "done"
+        await asyncio.sleep(0.05)
+    peers = {request.peer for request in fake_upstream.requests}
+    assert len(fake_upstream.requests) == 4 and len(peers) == 1
+
+
 @pytest.mark.parametrize("transport", EVERY_TRANSPORT)
 async def test_a_stream_leaves_no_async_generator_to_the_garbage_collector(
     start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str

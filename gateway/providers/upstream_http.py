@@ -370,6 +370,11 @@ class UpstreamPool:
             await exchange.head()
             yield exchange
             failed = False
+        except GeneratorExit:
+            # The caller's generator was closed, not failed: it had what it
+            # wanted (its reader stops at `[DONE]`), so the answer may drain.
+            failed = False
+            raise
         finally:
             exchange.stop_watching()
             self._release(exchange, failed)
