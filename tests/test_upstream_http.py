@@ -10,9 +10,11 @@ tests/test_openai_provider.py.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -25,6 +27,7 @@ from gateway.providers.upstream_http import (
     UpstreamPool,
     UpstreamSilent,
 )
+from tests.redis_server import make_tls_files
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK_HEAD = (
@@ -70,11 +73,12 @@ class Server:
 
 
 @asynccontextmanager
-async def serving(answer: Answer) -> AsyncIterator[Server]:
+async def serving(answer: Answer, tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
     server = Server(answer)
-    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    listener = await asyncio.start_server(server.serve, "127.0.0.1", 0, ssl=tls)
     port = listener.sockets[0].getsockname()[1]
-    server.url = URL(f"http://127.0.0.1:{port}/v1/chat/completions")
+    scheme = "https" if tls is not None else "http"
+    server.url = URL(f"{scheme}://127.0.0.1:{port}/v1/chat/completions")
     try:
         yield server
     finally:
@@ -264,3 +268,22 @@ async def test_the_pool_refuses_a_header_that_would_split_the_request() -> None:
         async with pool_for(server) as pool:
             with pytest.raises(ValueError, match="CR, LF"):
                 pool.request_bytes(b"{}", {"X-Request-ID": "a\r\nb"})
+
+
+async def test_an_https_upstream_is_verified_against_the_trusted_cas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = make_tls_files(tmp_path)  # a throwaway CA, and a certificate for 127.0.0.1
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(files.cert, files.key)
+    async with serving(lambda _, w: whole_answer(w), tls) as server:
+        # Not trusted: the handshake fails, and says why.
+        async with pool_for(server) as pool:
+            with pytest.raises(UpstreamConnectError, match="SSLCertVerificationError"):
+                await read_all(pool)
+        # Trusted (as an operator adds a private CA: OpenSSL's SSL_CERT_FILE).
+        monkeypatch.setenv("SSL_CERT_FILE", str(files.ca))
+        async with pool_for(server) as pool:
+            assert await read_all(pool) == b"data: x\n\n"
+            assert await read_all(pool) == b"data: x\n\n"
+    assert server.connections == 1  # one kept alive (a refused handshake never reaches it)

@@ -393,6 +393,10 @@ class UpstreamPool:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_waiter()  # we were woken, then cancelled: pass the turn on
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
