@@ -287,3 +287,29 @@ async def test_an_https_upstream_is_verified_against_the_trusted_cas(
             assert await read_all(pool) == b"data: x\n\n"
             assert await read_all(pool) == b"data: x\n\n"
     assert server.connections == 1  # one kept alive (a refused handshake never reaches it)
+
+
+async def test_a_consumer_failing_on_the_read_that_ends_the_body_is_not_lost() -> None:
+    """The last read brings a bad line and the body's end together: llhttp has
+    seen the whole message by the time the consumer raises, and the failure
+    must still reach the caller (and the connection must not be pooled)."""
+
+    async def bad_last_read(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + chunk(b"data: good\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(b"data: bad\n\n") + b"0\r\n\r\n")
+
+    def consume(data: bytes, at_eof: bool) -> bool:
+        if b"bad" in data:
+            raise ValueError("a bad line")
+        return False
+
+    async with serving(bad_last_read) as server:
+        async with pool_for(server) as pool:
+            with pytest.raises(ValueError, match="a bad line"):
+                async with pool.post(b"{}", {}, 5.0) as response:
+                    assert await response.readany() == b"data: good\n\n"
+                    await response.follow(consume)
+            assert await read_all(pool) == b"data: good\n\ndata: bad\n\n"
+    assert server.connections == 2

@@ -169,10 +169,15 @@ class Exchange(asyncio.Protocol):
                 self._consume = None
                 self._wake()
         except BaseException as exc:  # it goes to the awaiting task
-            self._consume = None
+            # Recorded even when the message is whole: llhttp runs
+            # `on_message_complete` before the read's body is delivered.
+            if self._failure is None:
+                self._failure = exc
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
+        """The connection is unusable: wake the reader with `exc` (unless the
+        answer was already whole) and abort."""
         if self._failure is None and not self._complete:
             self._failure = exc
         self._consume = None
