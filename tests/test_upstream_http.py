@@ -313,3 +313,16 @@ async def test_a_consumer_failing_on_the_read_that_ends_the_body_is_not_lost() -
                     await response.follow(consume)
             assert await read_all(pool) == b"data: good\n\ndata: bad\n\n"
     assert server.connections == 2
+
+
+async def test_an_endless_response_head_is_cut_off() -> None:
+    async def endless(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for n in range(10_000):  # 10,000 headers of ~30 bytes: 300 KB
+            writer.write(b"X-Filler-%05d: %s\r\n" % (n, b"y" * 16))
+            await writer.drain()
+
+    async with serving(endless) as server:
+        async with pool_for(server) as pool:
+            with pytest.raises(UpstreamDropped, match="response head over 65536 bytes"):
+                await read_all(pool)

@@ -42,6 +42,8 @@ Consume = Callable[[bytes, bool], bool]
 #: before it is closed rather than pooled (the stream's `[DONE]` usually
 #: arrives just before the body's last chunk).
 DRAIN_S = 1.0
+#: A response head larger than this fails the exchange (llhttp sets no bound).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class UpstreamConnectError(ConnectionError):
@@ -77,7 +79,7 @@ class Exchange(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}
-        self._header_name = ""
+        self._head_bytes = 0
         self._pieces: list[bytes] = []
         self._buffered: collections.deque[bytes] = collections.deque()
         self._complete = False
@@ -104,7 +106,8 @@ class Exchange(asyncio.Protocol):
             self._fail(UpstreamDropped("the upstream switched protocols"))
             return
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamDropped(f"the upstream's answer is not valid HTTP: {exc}"))
+            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+            self._fail(UpstreamDropped(f"the upstream's answer is not valid HTTP: {cause}"))
             return
         pieces = self._pieces
         if pieces:
@@ -132,6 +135,9 @@ class Exchange(asyncio.Protocol):
         self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:  # llhttp reports it as a parser error
+            raise ValueError(f"a response head over {MAX_HEAD_BYTES} bytes")
         key = name.decode("latin-1").lower()
         self.headers[key] = value.decode("latin-1")
 
