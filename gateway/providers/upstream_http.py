@@ -175,16 +175,15 @@ class Exchange(asyncio.Protocol):
                 self._consume = None
                 self._wake()
         except BaseException as exc:  # it goes to the awaiting task
-            # Recorded even when the message is whole: llhttp runs
-            # `on_message_complete` before the read's body is delivered.
-            if self._failure is None:
-                self._failure = exc
             self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
-        """The connection is unusable: wake the reader with `exc` (unless the
-        answer was already whole) and abort."""
-        if self._failure is None and not self._complete:
+        """The connection is unusable: wake the reader with `exc` and abort.
+
+        Kept even when the message is whole: llhttp runs `on_message_complete`
+        before the read's body is delivered, so a consumer may fail after it.
+        """
+        if self._failure is None:
             self._failure = exc
         self._consume = None
         self._wake()
@@ -298,7 +297,7 @@ class Exchange(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        """Still connected, and nothing arrived while it was idle."""
+        """Still connected (bytes that came while idle fail the parser, which aborts it)."""
         return self.transport is not None and not self.transport.is_closing()
 
     def begin_drain(self) -> None:
