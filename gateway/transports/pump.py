@@ -12,6 +12,7 @@ second response: nothing here raises past `prepare()` but a cancellation.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -105,6 +106,12 @@ async def serve_stream(
         sink: ClientSink | None = None
         try:
             with generation.subscribe(after_seq) as subscription:
+                if new:
+                    # One loop turn for the generation's task first: its
+                    # upstream request goes out now, and the response set-up
+                    # and first write below overlap with the upstream's
+                    # thinking instead of delaying its first token.
+                    await asyncio.sleep(0)
                 first = await wire.before_headers(subscription, tracker)
                 response = wire.response(streams)
                 if new:
