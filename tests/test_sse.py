@@ -74,6 +74,37 @@ async def test_pings_while_waiting_for_the_first_token(start_gateway: StartGatew
     assert_well_formed(streamed.events)
 
 
+async def test_no_ping_while_events_flow(start_gateway: StartGateway) -> None:
+    """The contract's heartbeat comes after `heartbeat_s` without an event, not on a
+    clock: 60 tokens at 100 a second (0.6 s) with a 0.2 s heartbeat need none."""
+    model = {**PACED, "tokens_per_second": 100}
+    server = await start_gateway(models=[model], streams={"heartbeat_s": 0.2})
+    streamed = await stream(server, "sse", BODY)
+    assert_well_formed(streamed.events)
+    assert streamed.frames.comments.count("ping") == 0, streamed.frames.comments
+
+
+async def test_a_stream_runs_no_task_of_its_own(start_gateway: StartGateway) -> None:
+    """Heartbeats and the stall cut-off are the sink's timer, as on every HTTP
+    transport: no ping task per stream (its start, sleeps and cancellation
+    were a cost of every SSE start)."""
+    model = {**PACED, "first_token_ms": 600}
+    server = await start_gateway(models=[model], streams={"heartbeat_s": 0.2})
+    before = asyncio.all_tasks()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/stream/sse"), json=BODY) as response:
+            await response.content.readuntil(b"\n\n")  # the `start` frame
+            await asyncio.sleep(0.3)  # a heartbeat is due meanwhile
+            names = sorted(
+                t.get_coro().__qualname__  # type: ignore[union-attr]
+                for t in asyncio.all_tasks() - before
+            )
+            assert "Generation._run" in names, names  # looked at while it runs
+            assert not [n for n in names if "EventSource" in n or "ping" in n.lower()], names
+            rest = await response.read()
+    assert b": ping" in rest
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_resume_by_last_event_id_is_exact(start_gateway: StartGateway, method: str) -> None:
     """Drop mid-stream at random points; reconnect with Last-Event-ID; no gap, no duplicate."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 from aiohttp import web
 
@@ -46,10 +44,6 @@ class HttpWire:
 
     def response(self, streams: StreamSettings) -> web.StreamResponse:
         return web.StreamResponse(headers={"Content-Type": self.content_type, **STREAM_HEADERS})
-
-    def scope(self, response: web.StreamResponse) -> AbstractAsyncContextManager[Any]:
-        """Held while the body is written (aiohttp-sse runs its ping task in it)."""
-        return contextlib.nullcontext()
 
     async def before_headers(
         self, subscription: LogSubscription, tracker: StreamTracker
@@ -147,7 +141,7 @@ async def _pump(
     first: list[Event] | None,
 ) -> None:
     push = wire.pusher(response, sink, tracker)
-    async with wire.scope(response), sink:
+    async with sink:
         out = wire.preamble(first)
         batch = first if first is not None else await subscription.next_batch()
         while batch is not None:

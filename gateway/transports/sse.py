@@ -1,18 +1,21 @@
 """Server-Sent Events, on aiohttp-sse's `EventSourceResponse`.
 
-aiohttp-sse gives the response headers (including `X-Accel-Buffering: no`),
-the `: ping` heartbeat task with its send timeout, and `TCP_USER_TIMEOUT`.
-Frames are encoded here once per event and written as bytes, because
-`EventSourceResponse.send()` would re-encode each frame for every subscriber;
-a test checks that our bytes equal what `send()` writes.
+aiohttp-sse gives the response headers (including `X-Accel-Buffering: no`)
+and `TCP_USER_TIMEOUT` (the kernel gives up on a peer that stops
+acknowledging). Its ping task is not started: the stream's sink (`sink.py`)
+already writes `: ping` after `streams.heartbeat_s` without output (the
+contract's heartbeat; the task pinged on a clock, between tokens too) and
+cuts off a stalled client, on one timer, as on every HTTP transport. A task
+per stream, with its sleeps, its cancellation and the wait for it, was a cost
+of every SSE start. Frames are encoded here once per event and written as
+bytes, because `EventSourceResponse.send()` would re-encode each frame for
+every subscriber; a test checks that our bytes equal what `send()` writes.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
-from typing import Any
-
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 from multidict import MultiMapping
 
@@ -50,25 +53,31 @@ def encode_sse(event: Event) -> bytes:
     )
 
 
+class _EventStream(EventSourceResponse):
+    """aiohttp-sse's response, prepared without its ping task (see above)."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await super().prepare(request)
+        self._set_tcp_user_timeout(request)
+        writer = await web.StreamResponse.prepare(self, request)
+        self.enable_chunked_encoding()  # as aiohttp-sse does
+        return writer
+
+
 class SseWire(HttpWire):
     """The first frame also sets the client's reconnection delay (`retry:`)."""
 
     transport: Transport = "sse"
+    heartbeat = b": ping" + (SEPARATOR * 2).encode()
 
     def __init__(self, retry_ms: int) -> None:
         self._retry = b"retry: %d\n" % retry_ms
 
     def response(self, streams: StreamSettings) -> web.StreamResponse:
-        return EventSourceResponse(
-            sep=SEPARATOR,
-            allow_all_methods=True,
-            ping_interval=streams.heartbeat_s,
-            send_timeout=streams.write_timeout_s,
+        return _EventStream(
+            sep=SEPARATOR, allow_all_methods=True, send_timeout=streams.write_timeout_s
         )
-
-    def scope(self, response: web.StreamResponse) -> AbstractAsyncContextManager[Any]:
-        assert isinstance(response, EventSourceResponse)
-        return response
 
     def preamble(self, first: list[Event] | None) -> bytes:
         return self._retry
