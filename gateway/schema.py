@@ -6,6 +6,7 @@ the same one-line messages (400 `invalid_request`).
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 import orjson
@@ -125,12 +126,15 @@ class GenerationRequest(BaseModel):
         assert self.messages is not None
         return self.messages
 
-    @property
+    @cached_property
     def prompt_tokens_estimate(self) -> int:
+        """Computed once: admission, budgets and usage each ask (the request is frozen)."""
         return estimate_prompt_tokens(self.chat, self.tools)
 
     def forwarded_fields(self) -> dict[str, Any]:
         """The tool and output-shape fields the client set, as it sent them."""
+        if self.model_fields_set.isdisjoint(FORWARDED_FIELDS):
+            return {}  # the usual request: no `model_dump` walk per stream start
         return self.model_dump(include=set(FORWARDED_FIELDS), exclude_unset=True)
 
 
