@@ -411,6 +411,9 @@ class FakeUpstream:
     role_chunk: bool = True
     #: Before the role chunk (headers are sent at once unless `hold_headers`).
     first_token_delay_s: float = 0.0
+    #: During `first_token_delay_s`, an SSE comment this often (as OpenRouter's
+    #: `: OPENROUTER PROCESSING`): bytes flow, but no token.
+    keepalive_s: float | None = None
     #: Between content deltas; None: back to back, 0: a turn of the event loop
     #: between them, as a server that writes each token as its own event.
     token_delay_s: float | None = None
@@ -590,7 +593,13 @@ class _Stream:
         fake = self.fake
         if not fake.hold_headers:
             await self.response.prepare(self.request)
-        await asyncio.sleep(fake.first_token_delay_s)
+        waited = 0.0
+        while fake.keepalive_s is not None and waited < fake.first_token_delay_s:
+            step = min(fake.keepalive_s, fake.first_token_delay_s - waited)
+            await asyncio.sleep(step)
+            waited += step
+            await self.response.write(b": keep-alive" + fake.line_end * 2)
+        await asyncio.sleep(fake.first_token_delay_s - waited)
         await self.response.prepare(self.request)  # no-op once prepared
         deltas = self.reply.deltas
         if fake.role_chunk and not (deltas and "role" in deltas[0]):

@@ -666,8 +666,9 @@ async def test_an_upstream_refusing_our_key_falls_back_but_a_bad_request_does_no
         {"first_token_delay_s": 30},
         {"hang_after": 0},
         {"hold_headers": True, "first_token_delay_s": 30},
+        {"first_token_delay_s": 30, "keepalive_s": 0.1},
     ],
-    ids=["slow", "role-chunk-only", "no-headers"],
+    ids=["slow", "role-chunk-only", "no-headers", "comments-only"],
 )
 @pytest.mark.parametrize("transport", ["chunked", "ws"])
 async def test_first_token_timeout(

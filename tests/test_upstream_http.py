@@ -24,6 +24,7 @@ from gateway.config import OpenAIModel
 from gateway.providers.upstream_http import (
     UpstreamConnectError,
     UpstreamDropped,
+    UpstreamLate,
     UpstreamPool,
     UpstreamSilent,
 )
@@ -248,6 +249,47 @@ async def test_silence_fails_the_exchange_on_time() -> None:
                 with pytest.raises(UpstreamSilent):
                     await response.readany()
                 assert 0.2 <= time.monotonic() - began < 0.6
+
+
+async def test_the_deadline_fails_an_exchange_that_keeps_talking_until_lifted() -> None:
+    """Bytes that keep coming reset the silence timer, not the deadline; lifting it
+    leaves the silence timer alone in charge."""
+
+    async def chatty(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD)
+        for _ in range(100):
+            writer.write(chunk(b": keep-alive\n\n"))
+            await asyncio.sleep(0.05)
+
+    async with serving(chatty) as server:
+        async with pool_for(server) as pool:
+            began = time.monotonic()
+            async with pool.post(b"{}", {}, 0.2, pool.loop.time() + 0.4) as response:
+                with pytest.raises(UpstreamLate):
+                    while await response.readany():
+                        pass
+            assert 0.35 <= time.monotonic() - began < 0.8
+            began = time.monotonic()
+            async with pool.post(b"{}", {}, 0.2, pool.loop.time() + 0.4) as response:
+                response.lift_deadline()
+                while time.monotonic() - began < 0.8:  # past the deadline: still open
+                    assert await response.readany()
+
+
+async def test_the_deadline_bounds_the_wait_for_a_connection() -> None:
+    async def held(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD)
+        await asyncio.sleep(10)
+
+    async with serving(held) as server:
+        async with pool_for(server, limit=1) as pool:
+            async with pool.post(b"{}", {}, 5.0):
+                began = time.monotonic()
+                with pytest.raises(UpstreamLate):
+                    async with pool.post(b"{}", {}, 5.0, pool.loop.time() + 0.3):
+                        pass
+                assert 0.25 <= time.monotonic() - began < 0.6
+    assert len(server.requests) == 1
 
 
 async def test_a_closed_port_is_a_connect_error() -> None:

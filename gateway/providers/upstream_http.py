@@ -59,6 +59,10 @@ class UpstreamSilent(Exception):
     callers keep for their own deadlines)."""
 
 
+class UpstreamLate(Exception):
+    """The exchange's deadline passed before the caller lifted it (its first token)."""
+
+
 def _header_line(name: str, value: str) -> bytes:
     if any(c in name + value for c in "\r\n\0") or not name or ":" in name:
         raise ValueError(f"header {name!r}: names and values may not hold CR, LF, NUL or ':'")
@@ -88,6 +92,7 @@ class Exchange(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._consume: Consume | None = None
         self._silence_s: float | None = None
+        self._deadline: float | None = None
         self._last_read = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._draining: asyncio.TimerHandle | None = None
@@ -255,35 +260,56 @@ class Exchange(asyncio.Protocol):
 
     # -- silence -----------------------------------------------------------
 
-    def watch_silence(self, silence_s: float | None) -> None:
+    def watch_silence(self, silence_s: float | None, deadline: float | None = None) -> None:
+        """Fail the exchange after `silence_s` without a byte, or at `deadline`
+        (loop time) unless `lift_deadline` came first: one timer for both."""
         self._silence_s = silence_s
+        self._deadline = deadline
         self._last_read = self._loop.time()
-        if silence_s is not None:
-            self._timer = self._loop.call_at(self._last_read + silence_s, self._silence_check)
+        due = self._due()
+        if due is not None:
+            self._timer = self._loop.call_at(due, self._silence_check)
+
+    def lift_deadline(self) -> None:
+        """What the deadline waited for came; the timer re-arms for silence alone."""
+        self._deadline = None
+
+    def _due(self) -> float | None:
+        silence_s, deadline = self._silence_s, self._deadline
+        due = None if silence_s is None else self._last_read + silence_s
+        if deadline is not None and (due is None or deadline < due):
+            return deadline
+        return due
 
     def _silence_check(self) -> None:
         self._timer = None
-        silence_s = self._silence_s
-        if silence_s is None or self._complete or self._failure is not None:
+        if self._complete or self._failure is not None:
             return
-        due = self._last_read + silence_s
-        if self._loop.time() < due:
+        now = self._loop.time()
+        if self._deadline is not None and now >= self._deadline:
+            self._fail(UpstreamLate("the deadline passed"))
+            return
+        due = self._due()
+        if due is None:
+            return
+        if now < due:
             self._timer = self._loop.call_at(due, self._silence_check)
             return
-        self._fail(UpstreamSilent(f"nothing came for {silence_s} s"))
+        self._fail(UpstreamSilent(f"nothing came for {self._silence_s} s"))
 
     def stop_watching(self) -> None:
         self._silence_s = None
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     # -- the pool's side ---------------------------------------------------
 
-    def send(self, data: bytes, silence_s: float | None) -> None:
+    def send(self, data: bytes, silence_s: float | None, deadline: float | None = None) -> None:
         assert self.transport is not None
         self.transport.write(data)
-        self.watch_silence(silence_s)
+        self.watch_silence(silence_s, deadline)
 
     @property
     def reusable(self) -> bool:
@@ -365,18 +391,27 @@ class UpstreamPool:
 
     @asynccontextmanager
     async def post(
-        self, body: bytes, extra_headers: dict[str, str], silence_s: float | None
+        self,
+        body: bytes,
+        extra_headers: dict[str, str],
+        silence_s: float | None,
+        deadline: float | None = None,
     ) -> AsyncIterator[Exchange]:
         """Send the request and wait for the response's head; the exchange is the response.
+
+        `deadline` (loop time) bounds the wait for a connection too, and then
+        everything until `Exchange.lift_deadline`: `UpstreamLate`. Only the
+        wait for a connection needs a timer of its own; once sent, the
+        exchange's silence timer keeps it.
 
         Leaving the block pools the connection if its answer ended whole, lets
         it drain for a moment if the answer was still coming, and closes it if
         it failed or the block was left by an exception.
         """
-        exchange = await self._acquire()
+        exchange = self._take_idle() or await self._acquire_by(deadline)
         failed = True
         try:
-            exchange.send(self.request_bytes(body, extra_headers), silence_s)
+            exchange.send(self.request_bytes(body, extra_headers), silence_s, deadline)
             await exchange.head()
             yield exchange
             failed = False
@@ -389,15 +424,31 @@ class UpstreamPool:
             exchange.stop_watching()
             self._release(exchange, failed)
 
-    async def _acquire(self) -> Exchange:
-        if self._closed:
-            raise UpstreamConnectError("the upstream pool is closed")
-        while self._idle:
+    def _take_idle(self) -> Exchange | None:
+        """A pooled connection that is still usable (the usual case: no wait, no timer)."""
+        while self._idle and not self._closed:
             exchange = self._idle.pop()
             self._idle_timers.pop(exchange).cancel()
             if exchange.usable:
                 return exchange
             exchange.close()
+        return None
+
+    async def _acquire_by(self, deadline: float | None) -> Exchange:
+        if deadline is None:
+            return await self._acquire()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._acquire()
+        except TimeoutError:
+            raise UpstreamLate("no connection before the deadline") from None
+
+    async def _acquire(self) -> Exchange:
+        if self._closed:
+            raise UpstreamConnectError("the upstream pool is closed")
+        exchange = self._take_idle()
+        if exchange is not None:
+            return exchange
         while len(self._open) + self._connecting >= self._limit:
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
@@ -410,12 +461,9 @@ class UpstreamPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            while self._idle:  # a connection came back while we waited
-                exchange = self._idle.pop()
-                self._idle_timers.pop(exchange).cancel()
-                if exchange.usable:
-                    return exchange
-                exchange.close()
+            exchange = self._take_idle()  # a connection came back while we waited
+            if exchange is not None:
+                return exchange
         self._connecting += 1
         try:
             async with asyncio.timeout(self._connect_timeout_s):
