@@ -1,0 +1,136 @@
+"""Instructions per stream start through the whole gateway, counted by callgrind.
+
+Timings on this shared 2-core machine move by ±10 % from run to run, more
+than most single levers on the start path are worth. Instruction counts
+repeat to ±0.2 % under the same load (a loaded machine batches more events
+per loop turn, which moves them by up to 10 %, so checkouts are measured
+side by side, one transport at a time). The gateway runs under
+`valgrind --tool=callgrind`, serves a warm-up, has its counters zeroed
+(`callgrind_control -z`), serves N one-token streams one at a time from the
+fake OpenAI upstream (a new client connection each, as `bench.suite`'s
+`starts` opens them), and is dumped (`callgrind_control -d`). The count is
+user space only: the system calls' kernel work is not in it, so it says what
+the Python side of a start costs.
+
+    python -m bench.start_instructions                       # this checkout, sse then openai
+    python -m bench.start_instructions --tree /tmp/wt-old --tree .   # side by side
+    python -m bench.start_instructions --transports chunked --streams 200
+
+Needs valgrind (Debian: `apt-get install valgrind`). About 50 s per
+transport for 100 streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench.sse_streams import free_port, wait_ready
+from bench.suite import Proc, gateway_config, load, start
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def ready(proc: Proc, within_s: float = 300) -> None:
+    """Under callgrind the gateway takes tens of seconds to start."""
+    async with asyncio.timeout(within_s):
+        while True:
+            with contextlib.suppress(Exception):
+                await wait_ready(proc.url, proc.process)
+                return
+            await asyncio.sleep(1)
+
+
+async def callgrind_control(option: str, pid: int) -> None:
+    """`-z` zeroes the running process's counters, `-d` dumps them."""
+    control = await asyncio.create_subprocess_exec(
+        "callgrind_control",
+        option,
+        str(pid),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    if await control.wait() != 0:
+        raise RuntimeError(f"callgrind_control {option} {pid} failed")
+
+
+def total_instructions(dump_dir: Path) -> int:
+    newest = max(dump_dir.glob("cg.out*"), key=os.path.getmtime)
+    for line in newest.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {newest}")
+
+
+async def per_start(tree: Path, transport: str, streams: int, upstream: Proc) -> float:
+    """Instructions per one-token stream over `transport`, for the gateway in `tree`."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as work:
+        config = Path(work) / "config.yaml"
+        config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.out"]
+        command += [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+            cwd=tree,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        gateway = Proc(f"http://127.0.0.1:{port}", process)
+        try:
+            await ready(gateway)
+            options = {"tokens": 1, "concurrency": 1, "timeout_s": 600}
+            await load(gateway, gateway.url, transport, "fast", streams=60, **options)
+            await callgrind_control("-z", process.pid)
+            run = await load(gateway, gateway.url, transport, "fast", streams=streams, **options)
+            await callgrind_control("-d", process.pid)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+        if run["errors"]:
+            raise RuntimeError(f"{transport}: errors {run['errors']}")
+        return total_instructions(Path(work)) / max(1, run["completed"])
+
+
+async def measure(args: argparse.Namespace) -> None:
+    upstream_port = free_port()
+    fake = ["-m", "tests.fake_upstream", "--port", str(upstream_port)]
+    upstream = Proc(f"http://127.0.0.1:{upstream_port}", await start(sys.executable, *fake))
+    try:
+        await wait_ready(upstream.url, upstream.process)
+        for transport in [t.strip() for t in args.transports.split(",")]:
+            # The checkouts side by side, so that each runs under the same load.
+            counts = await asyncio.gather(
+                *(per_start(tree, transport, args.streams, upstream) for tree in args.tree)
+            )
+            for tree, count in zip(args.tree, counts, strict=True):
+                print(f"{transport}: {count / 1e6:.3f} M instructions per stream start ({tree})")
+    finally:
+        upstream.process.terminate()
+        await upstream.process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tree", type=Path, action="append", help="a checkout measured (repeat to compare)"
+    )
+    parser.add_argument("--transports", default="sse,openai")
+    parser.add_argument("--streams", type=int, default=100)
+    args = parser.parse_args(argv)
+    args.tree = [tree.resolve() for tree in args.tree or [REPO]]
+    asyncio.run(measure(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
