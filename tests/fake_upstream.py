@@ -419,6 +419,9 @@ class FakeUpstream:
     token_delay_s: float | None = None
     #: Send the response headers only with the first chunk, as a queueing server does.
     hold_headers: bool = False
+    #: The whole body in one write at its end, as a server that flushes late:
+    #: the gateway reads the first token together with all the rest.
+    burst: bool = False
     finish_reason: str = "stop"
     prompt_tokens: int = 11
     #: `usage.completion_tokens` (default: the number of deltas sent).
@@ -588,6 +591,8 @@ class _Stream:
         options = self.body.get("stream_options") or {}
         self.include_usage = self.fake.send_usage and bool(options.get("include_usage"))
         self.reply = self.fake.reply(self.body)
+        #: The frames a `burst` answer holds back for its one write.
+        self.held: list[bytes] = []
 
     async def run(self) -> None:
         fake = self.fake
@@ -622,7 +627,7 @@ class _Stream:
                 await self.chunk({"choices": [], "usage": fake._usage(self.reply)})
         if not fake.omit_done:
             await self.write(DONE)
-        await self.response.write_eof()
+        await self.response.write_eof(b"".join(self.held))
 
     async def fail_at(self, index: int) -> bool:
         """Apply a failure knob due after `index` deltas; True when the body must end."""
@@ -663,6 +668,9 @@ class _Stream:
 
     async def write(self, line: bytes) -> None:
         frame = line + self.fake.line_end * 2
+        if self.fake.burst:
+            self.held.append(frame)
+            return
         if not self.fake.fragment:
             await self.response.write(frame)
             return

@@ -243,6 +243,22 @@ async def test_a_stream_leaves_no_async_generator_to_the_garbage_collector(
 
 
 @pytest.mark.parametrize("transport", STREAMING)
+async def test_the_first_token_of_a_long_read_goes_out_on_its_own(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str
+) -> None:
+    """A read that brings the first token with much more: the first token is its
+    own event, written before the rest of the read is parsed (S1's added TTFT:
+    parsing 63 more chunks first took 0.2 ms); the rest is still one event."""
+    fake_upstream.tokens = [f"t{i} " for i in range(40)]
+    fake_upstream.burst = True  # the whole answer in one write: one read
+    server = await gateway(start_gateway, openai_model(fake_upstream.base_url))
+    events = await STREAMING[transport](server)
+    texts = token_texts(events)
+    assert texts == ["t0 ", "".join(fake_upstream.tokens[1:])], texts
+    assert events[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("transport", STREAMING)
 async def test_the_deltas_of_one_read_are_one_event_and_still_count_as_tokens(
     start_gateway: StartGateway, fake_upstream: FakeUpstream, transport: str
 ) -> None:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -46,6 +46,9 @@ from gateway.providers.upstream_http import (
 from gateway.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
+#: A read longer than this (about ten chunks) that brings the first token: the
+#: token goes to the client before the rest of the read is parsed.
+FIRST_TOKEN_ALONE_BYTES = 2048
 
 #: Status codes worth another try before the first token (as the SDK's own policy).
 RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -203,18 +206,38 @@ class OpenAIProvider:
         saves a task switch and this generator chain per upstream read.
         """
         chunks = _ChunkStream(self._label, self._parse)
+        first_yielded = False
         while not chunks.ended:
             data = await response.readany()
             if not data:
                 if not chunks.rest:
                     break
                 data = b"\n"  # the last line had no newline
-            item, failure = chunks.feed(data)
-            if item is not None:
-                yield item
+            if not first_yielded and len(data) > FIRST_TOKEN_ALONE_BYTES:
+                # The first token is not held behind the parse of the rest of a
+                # long read (3 µs a chunk: 0.2 ms for a fast upstream's 64): it
+                # is yielded alone, and a loop turn lets the handler write it
+                # before the rest is parsed. Not for a short read (a one-token
+                # answer), where the turn, a second feed and a second write to
+                # the client would cost more than the parse (callgrind: +1-5 %
+                # of a one-token stream's instructions).
+                item, failure, data = chunks.feed_first(data)
+                if item is not None:
+                    first_yielded = True
+                    yield item
+                    if data and failure is None:
+                        await asyncio.sleep(0)
+                        item, failure = chunks.feed(data)
+                        if item is not None:
+                            yield item
+            else:
+                item, failure = chunks.feed(data)
+                if item is not None:
+                    first_yielded = True
+                    yield item
             if failure is not None:
                 raise failure
-            if item is not None and deliver is not None and not chunks.ended:
+            if first_yielded and deliver is not None and not chunks.ended:
                 await response.follow(chunks.consumer(deliver))
                 break
         yield chunks.finish(request.prompt_tokens_estimate)
@@ -289,6 +312,22 @@ class _ChunkStream:
         self.rest = data[end + 1 :]
         # Blank separators, comments and `event:` lines are skipped by the regex.
         payloads = _DATA_PAYLOADS.findall(data, 0, end) if end >= 0 else ()
+        return self._items(payloads)
+
+    def feed_first(self, data: bytes) -> tuple[Item | None, UpstreamError | None, bytes]:
+        """`feed` up to the payload that brings the first deltas (or a failure,
+        or the end); also returns the part of `data` not fed yet."""
+        data, self.rest = self.rest + data, b""
+        end = data.rfind(b"\n")
+        if end >= 0:
+            for match in _DATA_PAYLOADS.finditer(data, 0, end):
+                item, failure = self._items((match.group(1),))
+                if item is not None or failure is not None or self.ended:
+                    return item, failure, data[match.end() :]
+        self.rest = data[end + 1 :]
+        return None, self._line_too_long(), b""
+
+    def _items(self, payloads: Iterable[bytes]) -> tuple[Item | None, UpstreamError | None]:
         texts: list[Delta] = []
         mixed = False
         failure: UpstreamError | None = None
@@ -312,8 +351,8 @@ class _ChunkStream:
                     self.finish_reason = choice.get("finish_reason") or self.finish_reason
         except UpstreamError as exc:
             failure = exc
-        if failure is None and len(self.rest) > MAX_LINE_BYTES:
-            failure = UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
+        if failure is None:
+            failure = self._line_too_long()
         if not texts:
             return None, failure
         # What one read brought is logged, woken and written as one batch.
@@ -321,6 +360,11 @@ class _ChunkStream:
         if mixed:
             return tuple(texts), failure
         return (texts[0] if len(texts) == 1 else texts), failure  # type: ignore[return-value]
+
+    def _line_too_long(self) -> UpstreamError | None:
+        if len(self.rest) > MAX_LINE_BYTES:
+            return UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
+        return None
 
     def consumer(self, deliver: Deliver) -> Consume:
         """`feed` for `Exchange.follow`: each read's deltas go to `deliver` as they come."""
