@@ -340,6 +340,8 @@ async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
     direct = await load(up, up.url, "openai", "paced-1000", **options)
     for transport in ("openai", "sse"):
         through = await load(gw, gw.url, transport, "paced-1000", **options)
+        if through["errors"]:  # what the lost streams met, by kind
+            print(f"# S5 {transport} errors: {through['errors']}", flush=True)
         rows[f"S5 {transport}"] = {
             "streams": float(streams),
             "served": float(through["completed"]),
