@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -124,3 +125,36 @@ async def test_a_replica_short_of_open_files_sheds_with_503_instead_of_failing(
     finally:
         await gateway.stop()
     assert "Traceback" not in gateway.log_text(), gateway.log_text()[-3000:]
+
+
+async def test_a_burst_of_connections_waits_in_the_listen_queue(tmp_path: Path) -> None:
+    """While the gateway is busy (here: stopped), the kernel completes handshakes
+    up to the listen backlog and drops the rest, which a client sees as a connect
+    that hangs and then fails (S5: 1,000 starts a second lost hundreds against
+    aiohttp's default of 128). 600 fit in the gateway's backlog."""
+    config = {
+        "server": {"host": "127.0.0.1", "port": free_port()},
+        "models": [{"name": "sim", "provider": "simulated"}],
+        "rate_limit": {"default": NO_LIMITS},
+    }
+    gateway = await start_gateway_process(config, tmp_path)
+    writers: list[asyncio.StreamWriter] = []
+
+    async def connect() -> bool:
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        except (TimeoutError, OSError):
+            return False
+        writers.append(writer)
+        return True
+
+    gateway.process.send_signal(signal.SIGSTOP)
+    try:
+        connected = await asyncio.gather(*(connect() for _ in range(600)))
+    finally:
+        gateway.process.send_signal(signal.SIGCONT)
+        for writer in writers:
+            writer.close()
+        await gateway.stop()
+    assert sum(connected) == 600
