@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gateway.shedding import (
     MAX_RETRY_AFTER_S,
@@ -127,11 +128,19 @@ async def test_a_replica_short_of_open_files_sheds_with_503_instead_of_failing(
     assert "Traceback" not in gateway.log_text(), gateway.log_text()[-3000:]
 
 
+def kernel_somaxconn() -> int:
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
 async def test_a_burst_of_connections_waits_in_the_listen_queue(tmp_path: Path) -> None:
     """While the gateway is busy (here: stopped), the kernel completes handshakes
     up to the listen backlog and drops the rest, which a client sees as a connect
     that hangs and then fails (S5: 1,000 starts a second lost hundreds against
     aiohttp's default of 128). 600 fit in the gateway's backlog."""
+    somaxconn = kernel_somaxconn()
+    if somaxconn <= 128:
+        pytest.skip(f"net.core.somaxconn is {somaxconn}: the kernel caps any backlog there")
+    expected = min(600, somaxconn + 1)  # the kernel's cap: somaxconn, plus one
     config = {
         "server": {"host": "127.0.0.1", "port": free_port()},
         "models": [{"name": "sim", "provider": "simulated"}],
@@ -157,4 +166,4 @@ async def test_a_burst_of_connections_waits_in_the_listen_queue(tmp_path: Path) 
         for writer in writers:
             writer.close()
         await gateway.stop()
-    assert sum(connected) == 600
+    assert sum(connected) == expected
