@@ -339,7 +339,13 @@ async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
     rows: Runs = {}
     direct = await load(up, up.url, "openai", "paced-1000", **options)
     for transport in ("openai", "sse"):
-        through = await load(gw, gw.url, transport, "paced-1000", **options)
+        # A gateway of its own for each: in the shared one, what earlier
+        # scenarios grew is reused, and RSS per held stream read 2-30 KiB
+        # depending on the order of the scenarios.
+        async with gateway_process(gateway_config(free_port(), up.url)) as (url, process):
+            fresh = Proc(url, process)
+            await load(fresh, url, transport, "fast", streams=50, tokens=64, concurrency=5)
+            through = await load(fresh, url, transport, "paced-1000", **options)
         if through["errors"]:  # what the lost streams met, by kind
             print(f"# S5 {transport} errors: {through['errors']}", flush=True)
         rows[f"S5 {transport}"] = {
