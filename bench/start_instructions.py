@@ -15,6 +15,12 @@ the Python side of a start costs.
     python -m bench.start_instructions                       # this checkout, sse then openai
     python -m bench.start_instructions --tree /tmp/wt-old --tree .   # side by side
     python -m bench.start_instructions --transports chunked --streams 200
+    python -m bench.start_instructions --per-token --transports ws,sse   # per paced token
+
+`--per-token` serves, in the same gateway, one-token streams and then
+50-token streams from the `paced-20` model (a token every 20 ms, one upstream
+read each, S3's shape), two at a time, and prints the difference per extra
+token: what one paced token costs, its start taken out.
 
 Needs valgrind (Debian: `apt-get install valgrind`). About 50 s per
 transport for 100 streams.
@@ -30,6 +36,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -70,8 +77,28 @@ def total_instructions(dump_dir: Path) -> int:
     raise RuntimeError(f"no instruction total in {newest}")
 
 
-async def per_start(tree: Path, transport: str, streams: int, upstream: Proc) -> float:
-    """Instructions per one-token stream over `transport`, for the gateway in `tree`."""
+#: `--per-token`: tokens in a long stream, and streams served at once (under
+#: callgrind a token costs ~50x its native CPU; more at once would coalesce reads).
+PACED_TOKENS, PACED_CONCURRENCY = 50, 2
+
+
+async def served(
+    process: asyncio.subprocess.Process, gateway: Proc, transport: str, model: str, **options: Any
+) -> int:
+    """One `load` run with the counters zeroed before and dumped after; streams completed."""
+    await callgrind_control("-z", process.pid)
+    run = await load(gateway, gateway.url, transport, model, **options)
+    await callgrind_control("-d", process.pid)
+    if run["errors"]:
+        raise RuntimeError(f"{transport}: errors {run['errors']}")
+    return int(run["completed"])
+
+
+async def per_start(
+    tree: Path, transport: str, streams: int, upstream: Proc, per_token: bool = False
+) -> float:
+    """Instructions per one-token stream over `transport`, for the gateway in `tree`;
+    with `per_token`, per paced token beyond the first."""
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
         config = Path(work) / "config.yaml"
@@ -88,17 +115,20 @@ async def per_start(tree: Path, transport: str, streams: int, upstream: Proc) ->
         gateway = Proc(f"http://127.0.0.1:{port}", process)
         try:
             await ready(gateway)
+            model = "paced-20" if per_token else "fast"
             options = {"tokens": 1, "concurrency": 1, "timeout_s": 600}
-            await load(gateway, gateway.url, transport, "fast", streams=60, **options)
-            await callgrind_control("-z", process.pid)
-            run = await load(gateway, gateway.url, transport, "fast", streams=streams, **options)
-            await callgrind_control("-d", process.pid)
+            await load(gateway, gateway.url, transport, model, streams=60, **options)
+            completed = await served(process, gateway, transport, model, streams=streams, **options)
+            one = total_instructions(Path(work)) / max(1, completed)
+            if not per_token:
+                return one
+            options.update(tokens=PACED_TOKENS, concurrency=PACED_CONCURRENCY)
+            completed = await served(process, gateway, transport, model, streams=streams, **options)
+            long = total_instructions(Path(work)) / max(1, completed)
+            return (long - one) / (PACED_TOKENS - 1)
         finally:
             process.send_signal(signal.SIGKILL)
             await process.wait()
-        if run["errors"]:
-            raise RuntimeError(f"{transport}: errors {run['errors']}")
-        return total_instructions(Path(work)) / max(1, run["completed"])
 
 
 async def measure(args: argparse.Namespace) -> None:
@@ -110,10 +140,18 @@ async def measure(args: argparse.Namespace) -> None:
         for transport in [t.strip() for t in args.transports.split(",")]:
             # The checkouts side by side, so that each runs under the same load.
             counts = await asyncio.gather(
-                *(per_start(tree, transport, args.streams, upstream) for tree in args.tree)
+                *(
+                    per_start(tree, transport, args.streams, upstream, args.per_token)
+                    for tree in args.tree
+                )
             )
             for tree, count in zip(args.tree, counts, strict=True):
-                print(f"{transport}: {count / 1e6:.3f} M instructions per stream start ({tree})")
+                if args.per_token:
+                    print(f"{transport}: {count / 1e3:.1f} k instructions per paced token ({tree})")
+                else:
+                    print(
+                        f"{transport}: {count / 1e6:.3f} M instructions per stream start ({tree})"
+                    )
     finally:
         upstream.process.terminate()
         await upstream.process.wait()
@@ -126,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--transports", default="sse,openai")
     parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument(
+        "--per-token", action="store_true", help="per paced token instead of per start"
+    )
     args = parser.parse_args(argv)
     args.tree = [tree.resolve() for tree in args.tree or [REPO]]
     asyncio.run(measure(args))
