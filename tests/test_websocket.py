@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import random
+import socket
+import struct
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import StartGateway
-from tests.helpers import assert_well_formed, stream, text_of, ws_streams
+from tests.fake_upstream import FakeUpstream, large_delta, text_deltas
+from tests.helpers import assert_well_formed, openai_model, stream, text_of, ws_streams
 
 PACED = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 300, "first_token_ms": 0}
 
@@ -192,3 +198,71 @@ async def test_oversized_frame_closes_with_1009(start_gateway: StartGateway) -> 
         message = await ws.receive(timeout=5)
         assert message.type in {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED}
         assert ws.close_code == 1009
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """A client's text frame: clients must mask (RFC 6455 5.3)."""
+    mask = os.urandom(4)
+    body = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    if len(payload) < 126:
+        return bytes((0x81, 0x80 | len(payload))) + mask + body
+    return struct.pack("!BBH", 0x81, 0x80 | 126, len(payload)) + mask + body
+
+
+async def read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One unmasked frame from the server: (opcode, payload)."""
+    first, second = await reader.readexactly(2)
+    size = second & 0x7F
+    if size == 126:
+        (size,) = struct.unpack("!H", await reader.readexactly(2))
+    elif size == 127:
+        (size,) = struct.unpack("!Q", await reader.readexactly(8))
+    return first & 0x0F, await reader.readexactly(size)
+
+
+async def test_a_socket_that_falls_behind_gets_every_stream_whole(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream
+) -> None:
+    """A caught-up stream's tokens are written from the generation's task
+    (pushed); when the socket is full the push is refused and the frames go
+    the awaited way. Two generations on one socket that stops reading: every
+    frame must arrive whole, not interleaved with the other's, each stream
+    in order with nothing lost or repeated.
+
+    A tiny receive window and a delta bigger than the kernels take, so the
+    pushes meet a full buffer.
+    """
+    big = large_delta(1_500_000)
+    fake_upstream.script = text_deltas("Hi. ", big, " after", " that")
+    fake_upstream.token_delay_s = 0.05
+    server = await start_gateway(models=[openai_model(fake_upstream.base_url)])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
+    key = base64.b64encode(os.urandom(16))
+    writer.write(
+        b"GET /v1/stream/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n" % key
+    )
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    for request_id in ("a", "b"):
+        message = {"type": "generate", "request_id": request_id, "model": "gpt", "prompt": "hi"}
+        writer.write(masked_text_frame(orjson.dumps(message)))
+    await writer.drain()
+    await asyncio.sleep(1.0)  # fall behind while both upstreams stream on
+    streams: dict[str, list[dict[str, object]]] = {"a": [], "b": []}
+    async with asyncio.timeout(20):
+        while not all(s and s[-1]["type"] == "done" for s in streams.values()):
+            opcode, payload = await read_server_frame(reader)
+            if opcode == 0x1:
+                event = orjson.loads(payload)  # a frame cut into by another fails here
+                streams[event["request_id"]].append(event)
+    writer.close()
+    for events in streams.values():
+        assert_well_formed(events)
+        assert [e["seq"] for e in events] == list(range(len(events)))
+        assert text_of(events) == "Hi. " + big + " after that"

@@ -5,6 +5,11 @@ or resume gets a forwarding task that writes frames; when the socket ends,
 the forwarders are cancelled, which detaches their subscriptions and so
 starts the generations' grace timers exactly as a dropped HTTP stream does.
 
+A caught-up forwarder does not write its tokens itself: the generation pushes
+them (`push.py` explains why), framed here as unmasked text frames and queued
+on the socket through the socket's one sink, which refuses while any awaited
+write is in flight, so frames of different generations never interleave.
+
 A socket outlives the request that opened it, so what HTTP checks once per
 request is checked here per message or per socket: a message rate (a flood
 is closed with 1008), open sockets per principal, and the credential's
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from typing import Any
 
@@ -27,7 +33,7 @@ from gateway.admission import admit_follower, admit_generation, refuse_if_draini
 from gateway.auth import Unauthorized
 from gateway.errors import GatewayError, InvalidRequest, TooManyStreams
 from gateway.events import Event
-from gateway.generation_log import GenerationLog, LogSubscription
+from gateway.generation_log import GenerationLog, LogSubscription, Push
 from gateway.keys import principal, settings_key, socket_counts_key, websockets_key
 from gateway.ratelimit import Lease
 from gateway.schema import parse_generation_request, parse_json_object
@@ -48,6 +54,20 @@ def encode_ws(event: Event) -> bytes:
 def with_request_id(request_id: str, encoded: bytes) -> bytes:
     """Splice this socket's `request_id` into a shared encoding without re-serialising."""
     return b'{"request_id":%s,%s' % (orjson.dumps(request_id), encoded[1:])
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (RFC 6455 5.2), as a server sends it.
+
+    aiohttp's writer only has an awaitable send; a pushed token needs the
+    bytes, to queue them synchronously like the HTTP transports' chunks.
+    """
+    size = len(payload)
+    if size < 126:
+        return b"\x81%c%s" % (size, payload)
+    if size < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
 class MessageRate:
@@ -230,6 +250,7 @@ class WebSocketSession:
     async def _pump(
         self, request_id: str, subscription: LogSubscription, tracker: StreamTracker
     ) -> None:
+        push = self._pusher(request_id, tracker)
         try:
             while (batch := await subscription.next_batch()) is not None:
                 nbytes = 0
@@ -238,8 +259,28 @@ class WebSocketSession:
                     await self._sink.write(frame)
                     nbytes += len(frame)
                 tracker.wrote(batch, nbytes)
+                subscription.push_tokens(push)
         except ClientGone:
             pass
+
+    def _pusher(self, request_id: str, tracker: StreamTracker) -> Push:
+        """Token frames for `request_id`, queued from the generation's task while
+        the socket keeps up; refused once the socket has begun to close."""
+        ws, sink = self._ws, self._sink
+
+        def push(events: list[Event]) -> bool:
+            if ws.closed:
+                return False
+            payloads = [
+                with_request_id(request_id, event.encoded(WIRE_FORMAT, encode_ws))
+                for event in events
+            ]
+            if not sink.write_now(b"".join(map(text_frame, payloads))):
+                return False
+            tracker.wrote(events, sum(map(len, payloads)))
+            return True
+
+        return push
 
 
 #: What a plain GET of the WebSocket route is told.
