@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
+import psutil
 import pytest
+from aiohttp.test_utils import TestServer
 
 from gateway.generation import Generation
 from gateway.keys import registry_key
@@ -187,3 +193,69 @@ async def test_no_leaks_after_1000_streams_dropped_at_random_points(
     assert len(registry) == 0
     assert tasks <= baseline_tasks, [t.get_name() for t in asyncio.all_tasks()]
     assert fds <= baseline_fds + 2
+
+
+#: The HTTP streaming routes: method, path and a body that starts a stream.
+SILENT_PEER_ROUTES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "chunked": ("POST", "/v1/stream/chunked", BODY),
+    "sse": ("POST", "/v1/stream/sse", BODY),
+    "openai": (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
+    ),
+    "ui": (
+        "POST",
+        "/v1/stream/ui",
+        {
+            "id": "c1",
+            "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Hi"}]}],
+        },
+    ),
+}
+
+
+@contextlib.asynccontextmanager
+async def first_bytes_of(
+    session: aiohttp.ClientSession, server: TestServer, transport: str
+) -> AsyncIterator[int]:
+    """A stream over `transport`, read until its first bytes; yields the client's port."""
+    url = server.make_url
+    if transport == "ws":
+        async with session.ws_connect(url("/v1/stream/ws")) as ws:
+            await ws.send_json({"type": "generate", "request_id": "r1", **BODY})
+            await ws.receive(timeout=5)
+            yield ws.get_extra_info("sockname")[1]
+        return
+    method, path, body = SILENT_PEER_ROUTES[transport]
+    async with session.request(method, url(path), json=body) as response:
+        assert response.status == 200, await response.text()
+        await response.content.readany()
+        assert response.connection is not None and response.connection.transport
+        yield response.connection.transport.get_extra_info("sockname")[1]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+@pytest.mark.parametrize("transport", [*SILENT_PEER_ROUTES, "ws"])
+async def test_the_kernel_drops_a_silent_peer_after_the_write_timeout(
+    start_gateway: StartGateway, transport: str
+) -> None:
+    """A peer that stops acknowledging (no FIN, no RST: a laptop shut) must not
+    hold its generation for TCP's ~15 minutes of retransmits: every stream's
+    socket has `TCP_USER_TIMEOUT` = `streams.write_timeout_s` (read from the
+    server's side of the connection, in this process)."""
+    model = {**THINKING, "first_token_ms": 600}
+    server = await start_gateway(models=[model], streams={"write_timeout_s": 7})
+    async with (
+        aiohttp.ClientSession() as session,
+        first_bytes_of(session, server, transport) as client_port,
+    ):
+        ours = [
+            c.fd
+            for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == client_port
+        ]
+        assert len(ours) == 1, ours
+        with socket.socket(fileno=os.dup(ours[0])) as sock:
+            timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert timeout == 7000

@@ -1,8 +1,9 @@
 """Server-Sent Events, on aiohttp-sse's `EventSourceResponse`.
 
-aiohttp-sse gives the response headers (including `X-Accel-Buffering: no`);
-`TCP_USER_TIMEOUT` (the kernel gives up on a peer that stops acknowledging)
-is set here, as aiohttp-sse would, but once. Its ping task is not started:
+aiohttp-sse gives the response headers (including `X-Accel-Buffering: no`).
+Its `TCP_USER_TIMEOUT` handling is not used: the sink sets the option once
+for every transport, where aiohttp-sse read, set and restored it per
+response. Its ping task is not started:
 the stream's sink (`sink.py`) already writes `: ping` after
 `streams.heartbeat_s` without output (the contract's heartbeat; the task
 pinged on a clock, between tokens too) and cuts off a stalled client, on
@@ -14,8 +15,6 @@ every subscriber; a test checks that our bytes equal what `send()` writes.
 """
 
 from __future__ import annotations
-
-import socket
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -35,8 +34,6 @@ from gateway.transports.resume import parse_event_id
 
 WIRE_FORMAT = "sse"
 SEPARATOR = "\n"
-#: Linux only; elsewhere the sink's watchdog alone cuts off a stalled client.
-_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
 _QUERY_INTS = frozenset({"max_tokens", "seed"})
 _QUERY_STRINGS = frozenset({"prompt", "model", "on_disconnect"})
 #: Read by the auth layer, not part of the generation request.
@@ -59,23 +56,12 @@ def encode_sse(event: Event) -> bytes:
 
 
 class _EventStream(EventSourceResponse):
-    """aiohttp-sse's response, prepared without its ping task (see above).
-
-    `TCP_USER_TIMEOUT` is set once and left on the connection, where
-    aiohttp-sse reads the old value first and puts it back at the end (two
-    more system calls and socket objects: 1.2 % of an SSE start's
-    instructions): any later request on a kept-alive connection is held to
-    the same `streams.write_timeout_s` as the gateway's writes anyway.
-    """
+    """aiohttp-sse's response, prepared without its ping task and its socket
+    options (see above; the sink sets `TCP_USER_TIMEOUT`)."""
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
-        if _TCP_USER_TIMEOUT is not None and self._send_timeout is not None:
-            sock = request.transport.get_extra_info("socket") if request.transport else None
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                timeout_ms = int(self._send_timeout * 1000)
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, timeout_ms)
         writer = await web.StreamResponse.prepare(self, request)
         self.enable_chunked_encoding()  # as aiohttp-sse does
         return writer
@@ -91,9 +77,7 @@ class SseWire(HttpWire):
         self._retry = b"retry: %d\n" % retry_ms
 
     def response(self, streams: StreamSettings) -> web.StreamResponse:
-        return _EventStream(
-            sep=SEPARATOR, allow_all_methods=True, send_timeout=streams.write_timeout_s
-        )
+        return _EventStream(sep=SEPARATOR, allow_all_methods=True)
 
     def preamble(self, first: list[Event] | None) -> bytes:
         return self._retry
