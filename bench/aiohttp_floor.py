@@ -11,14 +11,22 @@ runs it next to `bench/relay.py`: the relay is what any proxy process pays;
 this is what any proxy that uses aiohttp's server and client pays before it
 does anything of its own. The gap between the two is aiohttp's; the gap
 between this and the gateway is the gateway's.
+
+`GET /v1/stream/ws` is the same for a WebSocket: the upgrade, then for each
+`generate` message the least a WebSocket proxy does (read the message's JSON,
+drop its control fields, ask for a stream), each upstream read sent on as a
+text frame, and `{"type":"done"}` at the end. It is the floor of the S1
+WebSocket row, whose streams each open a socket: the upgrade's round trip
+and aiohttp's handshake are in it, and in no HTTP row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 try:
     import uvloop
@@ -44,6 +52,24 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return out
 
 
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(compress=False)
+    await ws.prepare(request)
+    session = request.app[session_key]
+    async for message in ws:
+        if message.type is not WSMsgType.TEXT:
+            continue
+        body = json.loads(message.data)
+        for name in ("type", "request_id"):
+            body.pop(name, None)
+        body["stream"] = True
+        async with session.post(request.app[upstream_key], json=body) as answer:
+            async for data in answer.content.iter_any():
+                await ws.send_frame(data, WSMsgType.TEXT)
+        await ws.send_frame(b'{"type":"done"}', WSMsgType.TEXT)
+    return ws
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -61,6 +87,7 @@ def make_app(upstream_port: int) -> web.Application:
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/v1/stream/ws", websocket)
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -178,6 +178,14 @@ async def s1_latency(up: Proc, gw: Proc, quick: bool) -> Runs:
             "floor added TTFT p50 ms": (through["ttft_p50_s"] - direct["ttft_p50_s"]) * 1000,
             "floor added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
         }
+    if "ws" in TRANSPORTS_CHOSEN:
+        # A socket and its upgrade per stream, which no HTTP row pays.
+        through = await load(up.floor, up.floor.url, "ws", "fast", **options)
+        rows["S1 aiohttp floor, WebSocket"] = {
+            "direct TTFT p50 ms": direct["ttft_p50_s"] * 1000,
+            "floor added TTFT p50 ms": (through["ttft_p50_s"] - direct["ttft_p50_s"]) * 1000,
+            "floor added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
+        }
     for transport in TRANSPORTS_CHOSEN:
         through = await load(gw, gw.url, transport, "fast", **options)
         rows[f"S1 {transport}"] = {
@@ -338,6 +346,19 @@ async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
     options = {"concurrency": streams, "streams": streams, "tokens": 10, "ramp_s": 10}
     rows: Runs = {}
     direct = await load(up, up.url, "openai", "paced-1000", **options)
+    async with contextlib.AsyncExitStack() as stack:
+        # A fresh one too: what a proxy on aiohttp's server and client holds per stream.
+        floor = await in_front(stack, "bench.aiohttp_floor", int(up.url.rsplit(":", 1)[1]))
+        await load(floor, floor.url, "openai", "fast", streams=50, tokens=64, concurrency=5)
+        through = await load(floor, floor.url, "openai", "paced-1000", **options)
+        rows["S5 aiohttp floor"] = {
+            "served": float(through["completed"]),
+            "errors": errors_of(through),
+            "peak held": float(through["held_peak"]),
+            "floor RSS per held stream KiB": (through["rss_peak"] - through["rss_before"])
+            / max(1, through["held_peak"])
+            / 1024,
+        }
     for transport in ("openai", "sse"):
         # A gateway of its own for each: in the shared one, what earlier
         # scenarios grew is reused, and RSS per held stream read 2-30 KiB
