@@ -344,18 +344,26 @@ async def test_the_holds_of_a_crashed_replica_expire(redis_server: RedisProcess)
 
 
 async def test_a_refreshed_lease_keeps_its_hold(redis_server: RedisProcess) -> None:
+    """On a clock of the test's own: with the wall clock and a 0.3 s lease, a
+    loaded machine's late loop turn let the lease lapse between refreshes."""
     budget = Limits(requests_per_minute=0, tokens_per_minute=1000, concurrent_streams=0)
-    owner = RedisBackend(redis_server.url, lease_ttl_s=0.3)
-    other = RedisBackend(redis_server.url, lease_ttl_s=0.3)
+    clock = [1_000_000.0]
+    owner = RedisBackend(redis_server.url, lease_ttl_s=0.3, clock=lambda: clock[0])
+    other = RedisBackend(redis_server.url, lease_ttl_s=0.3, clock=lambda: clock[0])
     try:
         assert await owner.acquire("key:r", budget, 100_000, "held", 5) is None
-        for _ in range(6):  # 0.6 s, twice the ttl: the owner keeps it alive
-            await asyncio.sleep(0.1)
+        for _ in range(6):  # 1.2 s, four times the ttl: the owner keeps it alive
+            clock[0] += 0.2
             await owner.refresh([("key:r", "held")])
             refusal = await other.acquire("key:r", budget, 10, "other", 5)
             assert refusal is not None and refusal.limit == "tokens_per_minute"
         await owner.release("key:r", budget, "held", 30)
         assert await other.acquire("key:r", budget, 10, "other", 5) is None
+        # And a lease nobody refreshes lapses after its ttl.
+        assert await owner.acquire("key:s", budget, 100_000, "lost", 5) is None
+        assert await other.acquire("key:s", budget, 10, "other", 5) is not None
+        clock[0] += 0.4
+        assert await other.acquire("key:s", budget, 10, "other", 5) is None
     finally:
         await owner.aclose()
         await other.aclose()
