@@ -192,6 +192,16 @@ class UpstreamChildren:
         return child
 
 
+def _child(
+    children: dict[tuple[str, ...], Counter], labels: tuple[str, ...], family: Counter
+) -> Counter:
+    """`family.labels(*labels)`, looked up once and kept in `children`."""
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = family.labels(*labels)
+    return child
+
+
 class GatewayMetrics:
     """Every metric of the contract, plus process, GC and platform collectors."""
 
@@ -336,6 +346,10 @@ class GatewayMetrics:
         self._transports = {t: self._transport_children(t) for t in TRANSPORTS}
         self._streams: dict[tuple[str, str], StreamChildren] = {}
         self._upstreams: dict[tuple[str, str], UpstreamChildren] = {}
+        #: (model, finish reason or arguments) -> child; `.labels()` takes a lock per call.
+        self._generations: dict[tuple[str, ...], Counter] = {}
+        self._tool_calls: dict[tuple[str, ...], Counter] = {}
+        self._reasoning: dict[tuple[str, ...], Counter] = {}
         self._limits = {name: self.rate_limited.labels(name) for name in LIMITS}
         self._auth = {name: self.auth_failures.labels(name) for name in AUTH_REASONS}
         self._auth_other = self.auth_failures.labels("other")
@@ -344,10 +358,10 @@ class GatewayMetrics:
                 self.stream(transport, model)
             self.upstream(provider, model)
             for finish in FINISHES:
-                self.generations.labels(model, finish)
+                _child(self._generations, (model, finish), self.generations)
             for arguments in ARGUMENTS:
-                self.tool_calls.labels(model, arguments)
-            self.reasoning_tokens.labels(model)
+                _child(self._tool_calls, (model, arguments), self.tool_calls)
+            _child(self._reasoning, (model,), self.reasoning_tokens)
 
     def generation_ended(
         self, model: str, finish: str, arguments: Iterable[bool], reasoning: int
@@ -355,11 +369,13 @@ class GatewayMetrics:
         """Once per generation: how it ended, its tool calls (argument validity), its thinking."""
         if not self.enabled:
             return
-        self.generations.labels(model, finish if finish in FINISHES else "stop").inc()
+        finish = finish if finish in FINISHES else "stop"
+        _child(self._generations, (model, finish), self.generations).inc()
         for valid in arguments:
-            self.tool_calls.labels(model, "valid" if valid else "invalid").inc()
+            kind = "valid" if valid else "invalid"
+            _child(self._tool_calls, (model, kind), self.tool_calls).inc()
         if reasoning:
-            self.reasoning_tokens.labels(model).inc(reasoning)
+            _child(self._reasoning, (model,), self.reasoning_tokens).inc(reasoning)
 
     def _transport_children(self, transport: str) -> TransportChildren:
         return TransportChildren(
