@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -84,9 +85,14 @@ def _admit_stream(request: web.Request) -> None:
 
 
 async def admit_generation(
-    request: web.Request, body: GenerationRequest, *, resume_grace_s: float | None = None
+    request: web.Request,
+    body: GenerationRequest,
+    *,
+    passthrough: dict[str, Any] | None = None,
+    resume_grace_s: float | None = None,
 ) -> Generation:
-    """Resolve the model (404), admit it (503, 429), start it.
+    """Resolve the model (404), admit it (503, 429), start it; `passthrough`: raw
+    OpenAI fields for the upstream (`GenerationRequest.for_upstream`).
 
     The lease is released by the registry when the generation ends, however
     it ends, with the tokens it really used.
@@ -101,7 +107,7 @@ async def admit_generation(
         caller.rate_key, caller.limits, reserve, prompt_tokens=body.prompt_tokens_estimate
     )
     return app[registry_key].start(
-        body.for_upstream(request_id=request.get(request_id_key)),
+        body.for_upstream(request_id=request.get(request_id_key), passthrough=passthrough),
         principal=caller.id,
         model=entry.settings.name,
         provider=entry.provider,

@@ -62,8 +62,9 @@ _REQUEST_FIELDS = frozenset({"model", "temperature", "top_p", "stop", "seed", *F
 
 def parse_chat_request(
     data: dict[str, Any], passthrough_of: Callable[[Any], tuple[str, ...]]
-) -> tuple[GenerationRequest, bool, bool]:
-    """Our request, `stream`, and `stream_options.include_usage`, from an OpenAI body.
+) -> tuple[GenerationRequest, dict[str, Any], bool, bool]:
+    """Our request, the raw fields for the upstream, `stream`, and
+    `stream_options.include_usage`, from an OpenAI body.
 
     `passthrough_of(model)` names the extra fields the model's operator lets
     through. Any other field is a 400 naming it, as OpenAI answers: a field
@@ -95,7 +96,7 @@ def parse_chat_request(
         # Reasoning models refuse `max_tokens`: send the name the client chose.
         extra["max_completion_tokens"] = request.max_tokens
     include_usage = bool(options.get("include_usage"))
-    return request.for_upstream(request_id=None, passthrough=extra), stream, include_usage
+    return request, extra, stream, include_usage
 
 
 def _finish_reason(event: Event) -> str:
@@ -334,8 +335,8 @@ def _passthrough_of(request: web.Request) -> Callable[[Any], tuple[str, ...]]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
     body = await read_generation_body(request)
-    chat, stream, include_usage = parse_chat_request(body, _passthrough_of(request))
-    generation = await admit_generation(request, chat, resume_grace_s=0)
+    chat, extra, stream, include_usage = parse_chat_request(body, _passthrough_of(request))
+    generation = await admit_generation(request, chat, passthrough=extra, resume_grace_s=0)
     if stream:
         wire = OpenAIWire(generation, include_usage)
         return await serve_stream(request, generation, -1, wire, new=True)
