@@ -29,8 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import httptools
 from yarl import URL
@@ -391,15 +390,15 @@ class UpstreamPool:
         extra = b"".join(_header_line(k, v) for k, v in extra_headers.items())
         return b"%s%sContent-Length: %d\r\n\r\n%s" % (self._head, extra, len(body), body)
 
-    @asynccontextmanager
-    async def post(
+    def post(
         self,
         body: bytes,
         extra_headers: dict[str, str],
         silence_s: float | None,
         deadline: float | None = None,
-    ) -> AsyncIterator[Exchange]:
-        """Send the request and wait for the response's head; the exchange is the response.
+    ) -> Posting:
+        """`async with pool.post(...) as exchange`: send the request and wait for
+        the response's head; the exchange is the response.
 
         `deadline` (loop time) bounds the wait for a connection too, and then
         everything until `Exchange.lift_deadline`: `UpstreamLate`. Only the
@@ -410,21 +409,7 @@ class UpstreamPool:
         it drain for a moment if the answer was still coming, and closes it if
         it failed or the block was left by an exception.
         """
-        exchange = self._take_idle() or await self._acquire_by(deadline)
-        failed = True
-        try:
-            exchange.send(self.request_bytes(body, extra_headers), silence_s, deadline)
-            await exchange.head()
-            yield exchange
-            failed = False
-        except GeneratorExit:
-            # The caller's generator was closed, not failed: it had what it
-            # wanted (its reader stops at `[DONE]`), so the answer may drain.
-            failed = False
-            raise
-        finally:
-            exchange.stop_watching()
-            self._release(exchange, failed)
+        return Posting(self, self.request_bytes(body, extra_headers), silence_s, deadline)
 
     def _take_idle(self) -> Exchange | None:
         """A pooled connection that is still usable (the usual case: no wait, no timer)."""
@@ -544,3 +529,40 @@ class UpstreamPool:
         self._idle_timers.clear()
         self._idle.clear()
         await asyncio.sleep(0)  # let the transports report their close
+
+
+class Posting:
+    """`UpstreamPool.post`'s block. A class rather than an `@asynccontextmanager`:
+    one async generator (and contextlib's wrapper around it) fewer per stream."""
+
+    __slots__ = ("_deadline", "_exchange", "_pool", "_request", "_silence_s")
+
+    def __init__(
+        self, pool: UpstreamPool, request: bytes, silence_s: float | None, deadline: float | None
+    ) -> None:
+        self._pool = pool
+        self._request = request
+        self._silence_s = silence_s
+        self._deadline = deadline
+        self._exchange: Exchange | None = None
+
+    async def __aenter__(self) -> Exchange:
+        pool = self._pool
+        exchange = pool._take_idle() or await pool._acquire_by(self._deadline)
+        try:
+            exchange.send(self._request, self._silence_s, self._deadline)
+            await exchange.head()
+        except BaseException:
+            exchange.stop_watching()
+            pool._release(exchange, True)
+            raise
+        self._exchange = exchange
+        return exchange
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        exchange = self._exchange
+        assert exchange is not None
+        exchange.stop_watching()
+        # A caller's generator that was closed (`GeneratorExit`) did not fail:
+        # it had what it wanted (its reader stops at `[DONE]`), so the answer may drain.
+        self._pool._release(exchange, exc_type is not None and exc_type is not GeneratorExit)
