@@ -21,6 +21,8 @@ MAX_TEXT_CHARS = 1_000_000
 #: OpenAI's rule for function names.
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_TOOLS = 128
+#: The fields of the usual message, dumped without pydantic's serializer.
+_ROLE_AND_TEXT: frozenset[str] = frozenset({"role", "content"})
 #: Roles whose message must carry content (OpenAI answers 400 without it).
 _CONTENT_REQUIRED: frozenset[str] = frozenset({"system", "developer", "user", "tool"})
 
@@ -100,6 +102,13 @@ class Message(_Echoed):
         return "".join(part.text or "" for part in content)
 
     def for_upstream(self) -> dict[str, Any]:
+        """The fields the client set, as `model_dump(exclude_unset=True)` gives them.
+        The usual message, a role and a string, is built directly: the dump
+        cost 1.3 % of a stream start's instructions."""
+        if self.model_fields_set == _ROLE_AND_TEXT and not self.model_extra:
+            content = self.content
+            if content is None or content.__class__ is str:
+                return {"role": self.role, "content": content}
         return self.model_dump(exclude_unset=True)
 
 
