@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.server import drop_silent_peers
 from tests.fake_upstream import FakeUpstream, StartFakeUpstream
 from tests.redis_server import RedisProcess
 
@@ -62,8 +62,11 @@ def start_gateway(aiohttp_server: Any) -> StartGateway:
     """
 
     async def start(settings: Settings | None = None, **sections: Any) -> TestServer:
-        app: web.Application = create_app(settings or make_settings(**sections))
-        return await aiohttp_server(app)
+        settings = settings or make_settings(**sections)
+        server: TestServer = await aiohttp_server(create_app(settings))
+        assert server.runner is not None
+        drop_silent_peers(server.runner, settings.streams.write_timeout_s)  # as `serve` does
+        return server
 
     return start
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import os
 import random
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +21,9 @@ from aiohttp.test_utils import TestServer
 from gateway.generation import Generation
 from gateway.keys import registry_key
 from tests.conftest import StartGateway
+from tests.gateway_process import NO_LIMITS, start_gateway_process
 from tests.helpers import open_stream, read_generation_id, read_ndjson
+from tests.redis_server import free_port
 
 THINKING = {
     "name": "sim-1",
@@ -259,3 +264,60 @@ async def test_the_kernel_drops_a_silent_peer_after_the_write_timeout(
         with socket.socket(fileno=os.dup(ours[0])) as sock:
             timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
         assert timeout == 7000
+
+
+#: pidfd_getfd(2), the same number on every Linux architecture (5.6 and later).
+_SYS_PIDFD_GETFD = 438
+
+
+def duplicate_of(pid: int, fd: int) -> int:
+    """A duplicate of descriptor `fd` of process `pid` (pidfd_getfd(2))."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        duplicate = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0))
+        if duplicate < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        return duplicate
+    finally:
+        os.close(pidfd)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+async def test_gateway_serve_holds_its_connections_to_the_write_timeout(tmp_path: Path) -> None:
+    """What `gateway serve` itself sets (the test above runs the app in this
+    process): the server's side of a client's connection, read from the
+    gateway process, has `TCP_USER_TIMEOUT` = `streams.write_timeout_s`."""
+    config = {
+        "server": {"host": "127.0.0.1", "port": free_port()},
+        "models": [{**THINKING, "first_token_ms": 600}],
+        "streams": {"write_timeout_s": 9},
+        "rate_limit": {"default": NO_LIMITS},
+    }
+    gateway = await start_gateway_process(config, tmp_path)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{gateway.url}/v1/stream/chunked", json=BODY) as response,
+        ):
+            await response.content.readline()  # `start`: the stream is open
+            assert response.connection is not None and response.connection.transport
+            client_port = response.connection.transport.get_extra_info("sockname")[1]
+            theirs = [
+                c.fd
+                for c in psutil.Process(gateway.process.pid).net_connections("tcp")
+                if c.raddr and c.raddr.port == client_port
+            ]
+            assert len(theirs) == 1, theirs
+            try:
+                fd = duplicate_of(gateway.process.pid, theirs[0])
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOSYS) and not os.environ.get("CI"):
+                    pytest.skip(f"pidfd_getfd refused here ({exc}): the kernel or sandbox")
+                raise
+            with socket.socket(fileno=fd) as sock:
+                timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert timeout == 9000
+    finally:
+        await gateway.stop()

@@ -12,18 +12,14 @@ timer callback, not a task: a task (its steps, its sleeps' futures, its
 cancellation and the wait for it) cost ~3 % of a stream start's CPU (py-spy,
 bench `starts`); a task runs only for a heartbeat's awaited write.
 
-The kernel holds the same line: the connection's `TCP_USER_TIMEOUT` is set
-to `write_timeout_s`, so a peer that stops acknowledging (a laptop shut, a
-network gone, with no FIN or RST) is dropped once its data has waited that
-long, before the socket's send buffer, tens of kilobytes to megabytes, has
-filled up and let the watchdog see a pending write. Without it Linux keeps
-retransmitting for about 15 minutes, and the generation with it.
+The kernel holds the same line for a peer that is gone without a word: the
+listening socket's `TCP_USER_TIMEOUT` (`gateway/server.py`,
+`drop_silent_peers`) is `write_timeout_s` too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -33,20 +29,6 @@ Writer = Callable[[bytes], Awaitable[None]]
 #: Queued bytes above which `write_now` refuses and the awaited write (its
 #: drain, and the stall watchdog) takes over; aiohttp's own drain threshold.
 PUSH_BUFFER_LIMIT = 64 * 1024
-
-#: Linux only; elsewhere the watchdog alone cuts off a peer that stopped.
-_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
-
-
-def drop_silent_peer_after(transport: asyncio.BaseTransport | None, timeout_s: float) -> None:
-    """Have the kernel drop the connection once sent data stays unacknowledged for
-    `timeout_s`. Left on the connection: a later request on it is held to the same
-    `streams.write_timeout_s` by the watchdog anyway."""
-    if _TCP_USER_TIMEOUT is None or transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(timeout_s * 1000))
 
 
 class ClientGone(Exception):
@@ -71,7 +53,6 @@ class ClientSink:
         #: Kept: `request.transport` is a property lookup, and `write_now` runs per token.
         #: After the connection is lost it reports `is_closing()`.
         self._transport = request.transport
-        drop_silent_peer_after(self._transport, write_timeout_s)
         self._write = write
         self._end = end
         self._write_timeout_s = write_timeout_s

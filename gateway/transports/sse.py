@@ -1,9 +1,9 @@
 """Server-Sent Events, on aiohttp-sse's `EventSourceResponse`.
 
 aiohttp-sse gives the response headers (including `X-Accel-Buffering: no`).
-Its `TCP_USER_TIMEOUT` handling is not used: the sink sets the option once
-for every transport, where aiohttp-sse read, set and restored it per
-response. Its ping task is not started:
+Its `TCP_USER_TIMEOUT` handling is not used: the listening socket carries
+the option for every connection (`gateway/server.py`), where aiohttp-sse
+read, set and restored it per response. Its ping task is not started:
 the stream's sink (`sink.py`) already writes `: ping` after
 `streams.heartbeat_s` without output (the contract's heartbeat; the task
 pinged on a clock, between tokens too) and cuts off a stalled client, on
@@ -57,7 +57,7 @@ def encode_sse(event: Event) -> bytes:
 
 class _EventStream(EventSourceResponse):
     """aiohttp-sse's response, prepared without its ping task and its socket
-    options (see above; the sink sets `TCP_USER_TIMEOUT`)."""
+    options (see above)."""
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
