@@ -266,3 +266,23 @@ async def test_a_socket_that_falls_behind_gets_every_stream_whole(
         assert_well_formed(events)
         assert [e["seq"] for e in events] == list(range(len(events)))
         assert text_of(events) == "Hi. " + big + " after that"
+
+
+async def test_pushed_frames_of_every_length_class_reach_a_client_whole(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream
+) -> None:
+    """A pushed token is framed by the gateway itself (`text_frame`): a payload
+    under 126 bytes, under 64 KiB (16-bit length) and over it (64-bit length)
+    must each parse in aiohttp's client, a reader that is not ours."""
+    sizes = (10, 300, 70_000)
+    fake_upstream.script = text_deltas("Hi. ", *(large_delta(n) for n in sizes))
+    fake_upstream.token_delay_s = 0.05  # one read each, to a reader that keeps up
+    server = await start_gateway(models=[openai_model(fake_upstream.base_url)])
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.make_url("/v1/stream/ws"), max_msg_size=2**20) as ws,
+    ):
+        await ws.send_json({"type": "generate", "request_id": "r1", "model": "gpt", "prompt": "x"})
+        events = (await ws_streams(ws, {"r1"}))["r1"]
+    assert_well_formed(events)
+    assert [len(e["text"]) for e in events if e["type"] == "token"] == [4, *sizes]
