@@ -42,8 +42,12 @@ class GenerationRegistry:
         self._budget = LogBudget(settings.max_generation_bytes, settings.max_live_bytes)
         self._shared_log = shared_log
         self._running: dict[str, Generation] = {}
+        #: Finished logs in the order they finished, which is the order they
+        #: expire in (every one is kept `retention_s`): one timer sweeps them,
+        #: where a timer per log held ~600 bytes for its whole retention.
         self._finished: OrderedDict[str, Generation] = OrderedDict()
-        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._expires_at: dict[str, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._finished_bytes = 0
         self._leases: dict[str, Lease] = {}
         self._releasing: set[asyncio.Task[None]] = set()
@@ -128,19 +132,33 @@ class GenerationRegistry:
         self._finished[generation.id] = generation
         self._finished_bytes += generation.size_bytes
         loop = asyncio.get_running_loop()
-        self._expiry[generation.id] = loop.call_later(
-            self._settings.retention_s, self._forget, generation.id
-        )
+        self._expires_at[generation.id] = expires_at = loop.time() + self._settings.retention_s
+        if self._sweeper is None:
+            self._sweeper = loop.call_at(expires_at, self._sweep)
         while self._finished_bytes > self._settings.retention_max_bytes and self._finished:
             self._forget(next(iter(self._finished)))
+
+    def _sweep(self) -> None:
+        """Forget the logs whose retention is over; re-arm for the next one."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = []
+        for generation_id in self._finished:
+            if self._expires_at[generation_id] > now:
+                break
+            expired.append(generation_id)
+        for generation_id in expired:
+            self._forget(generation_id)
+        if self._finished:
+            first = self._expires_at[next(iter(self._finished))]
+            self._sweeper = loop.call_at(first, self._sweep)
 
     def _forget(self, generation_id: str) -> None:
         generation = self._finished.pop(generation_id, None)
         if generation is not None:
             self._finished_bytes -= generation.size_bytes
-        timer = self._expiry.pop(generation_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._expires_at.pop(generation_id, None)
 
     def stop_all(self, error: GatewayError) -> None:
         """End every running generation with `error` (e.g. `shutting_down`)."""
@@ -156,3 +174,6 @@ class GenerationRegistry:
         await asyncio.gather(*self._releasing, return_exceptions=True)
         for generation_id in list(self._finished):
             self._forget(generation_id)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

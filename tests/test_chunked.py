@@ -7,7 +7,9 @@ import itertools
 
 import aiohttp
 import orjson
+import pytest
 
+from gateway.errors import GenerationNotFound
 from gateway.keys import registry_key
 from tests.conftest import FAST_MODEL, StartGateway
 from tests.helpers import assert_well_formed, ndjson_events, raw_exchange, stream, text_of
@@ -96,6 +98,26 @@ async def test_finished_generation_is_kept_for_resume(start_gateway: StartGatewa
     registry = server.app[registry_key]
     generation = registry.get(events[0]["generation_id"], "anonymous")
     assert generation.finished and len(generation.events) == len(events)
+
+
+async def test_finished_generations_are_forgotten_in_order_after_the_retention(
+    start_gateway: StartGateway,
+) -> None:
+    """One timer sweeps the finished logs: each goes `retention_s` after it finished,
+    the first before the second, and nothing is left after both."""
+    server = await start_gateway(streams={"retention_s": 1.0})
+    registry = server.app[registry_key]
+    first = (await stream(server, "chunked", BODY)).events[0]["generation_id"]
+    await asyncio.sleep(0.5)
+    second = (await stream(server, "chunked", BODY)).events[0]["generation_id"]
+    await asyncio.sleep(0.75)  # the first's retention is over, not the second's
+    with pytest.raises(GenerationNotFound):
+        registry.get(first, "anonymous")
+    assert registry.get(second, "anonymous").finished
+    await asyncio.sleep(0.5)
+    with pytest.raises(GenerationNotFound):
+        registry.get(second, "anonymous")
+    assert len(registry) == 0
 
 
 async def test_an_http_1_0_client_gets_the_same_stream_unchunked(
