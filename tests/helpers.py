@@ -419,6 +419,18 @@ async def read_generation_id(reader: asyncio.StreamReader) -> str:
     return buffer[start : buffer.index(b'"', start)].decode()
 
 
+async def connect_with_small_window(
+    host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose receive buffer is 4 KiB, set before the handshake so
+    the window stays small: a reader that pauses fills the server's buffers fast."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    return await asyncio.open_connection(sock=sock, limit=2**24)
+
+
 async def raw_exchange(host: str, port: int, request: bytes, timeout: float = 10) -> bytes:
     """Write `request` byte for byte (what aiohttp's client would not send) and read
     the whole answer, to the connection's end."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 from typing import Any
 
 import aiohttp
@@ -30,7 +29,15 @@ from tests.fake_upstream import (
     text_deltas,
     tool_call_deltas,
 )
-from tests.helpers import bearer, fetch, ndjson_events, openai_model, scrape_value, text_of
+from tests.helpers import (
+    bearer,
+    connect_with_small_window,
+    fetch,
+    ndjson_events,
+    openai_model,
+    scrape_value,
+    text_of,
+)
 
 Chunks = list[dict[str, Any]]
 SLOW = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 50, "first_token_ms": 10}
@@ -385,11 +392,7 @@ async def test_a_reader_that_falls_behind_still_gets_a_well_formed_stream(
         fake_upstream.finish_reason = "tool_calls"
     fake_upstream.token_delay_s = 0.05
     server = await start_gateway(models=[openai_model(fake_upstream.base_url)])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
+    reader, writer = await connect_with_small_window(server.host, server.port)
     body = orjson.dumps(ui_body(model="gpt"))
     writer.write(
         b"POST /v1/stream/ui HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import random
-import socket
 import struct
 
 import aiohttp
@@ -15,7 +14,14 @@ import pytest
 
 from tests.conftest import StartGateway
 from tests.fake_upstream import FakeUpstream, large_delta, text_deltas
-from tests.helpers import assert_well_formed, openai_model, stream, text_of, ws_streams
+from tests.helpers import (
+    assert_well_formed,
+    connect_with_small_window,
+    openai_model,
+    stream,
+    text_of,
+    ws_streams,
+)
 
 PACED = {"name": "sim-1", "provider": "simulated", "tokens_per_second": 300, "first_token_ms": 0}
 
@@ -236,11 +242,7 @@ async def test_a_socket_that_falls_behind_gets_every_stream_whole(
     fake_upstream.script = text_deltas("Hi. ", big, " after", " that")
     fake_upstream.token_delay_s = 0.05
     server = await start_gateway(models=[openai_model(fake_upstream.base_url)])
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=2**24)
+    reader, writer = await connect_with_small_window(server.host, server.port)
     key = base64.b64encode(os.urandom(16))
     writer.write(
         b"GET /v1/stream/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
