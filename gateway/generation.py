@@ -227,6 +227,9 @@ class Generation:
             self._grace_check.cancel()
         if self._budget is not None:
             self._budget.used -= self.size_bytes  # a finished log counts toward retention
+        # A retained log outlives its task by `streams.retention_s`: let the
+        # task, its coroutine and its context go (less for the GC to walk).
+        self._task = None
         self._on_finished(self)
 
     @property
@@ -240,7 +243,7 @@ class Generation:
     # -- the log ------------------------------------------------------------
 
     def _append(self, type: EventType, fields: dict[str, Any]) -> None:
-        event = Event(self.id, type, len(self.events), fields)
+        event = Event.new(self.id, type, len(self.events), fields)
         self.events.append(event)
         size = len(event.json) + EVENT_OVERHEAD_BYTES
         self.size_bytes += size
@@ -273,7 +276,7 @@ class Generation:
             else:
                 self.reasoning_events += 1
             kind: EventType = "tool_call" if isinstance(delta, ToolCallDelta) else "reasoning"
-            added.append(Event(self.id, kind, seq + len(added), delta.fields()))
+            added.append(Event.new(self.id, kind, seq + len(added), delta.fields()))
         if added:
             self.deltas += len(added)
             self._log(added)

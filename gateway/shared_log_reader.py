@@ -131,7 +131,7 @@ class SharedLogReader:
             self._log.note_failure("newest event", exc)
             raise StoreUnavailable("cannot reach the shared log; retry shortly") from None
         if not newest:  # the owner wrote the meta but has not flushed `start` yet
-            return Event(generation_id, "start", 0, {})
+            return Event.new(generation_id, "start", 0, {})
         return Event.decoded(generation_id, newest[0][1][b"e"])
 
     async def read(self, generation_id: str, after_seq: int) -> list[Event] | None:
@@ -158,7 +158,7 @@ class SharedLogReader:
             if await self._log.control.exists(f"{key}:owner"):
                 return
             failure = UpstreamError("the replica running this generation stopped; retry")
-            event = Event(generation_id, "error", next_seq, failure.event_fields())
+            event = Event.new(generation_id, "error", next_seq, failure.event_fields())
             retention_ms = int(self._log.settings.retention_s * 1000) or 1
             async with self._log.control.pipeline(transaction=False) as pipe:
                 pipe.xadd(key, {"e": event.json}, id=entry_id(next_seq))
@@ -266,7 +266,7 @@ class RemoteSubscription:
             except StoreUnavailable as exc:
                 # The client's headers are out: the failure is the stream's last event.
                 self._done = True
-                return [Event(self._generation.id, "error", self._last + 1, exc.event_fields())]
+                return [Event.new(self._generation.id, "error", self._last + 1, exc.event_fields())]
             if batch:
                 self._last = batch[-1].seq
                 if batch[-1].terminal:

@@ -60,7 +60,7 @@ async def test_our_frames_equal_aiohttp_sse_send() -> None:
         {"text": "é 🚀 \u2028 \x00"},
         {"finish_reason": "stop"},
     ]:
-        event = Event("gen_abc", "token", 3, fields)
+        event = Event.new("gen_abc", "token", 3, fields)
         capture = Capture()
         await capture.send(event.json.decode(), id=event.event_id, event=event.type)
         assert capture.written == [encode_sse(event)]

@@ -29,7 +29,7 @@ def expected(text: str) -> str:
 @settings(max_examples=300, deadline=None)
 @given(text=texts, seq=st.integers(min_value=1, max_value=10**6))
 def test_ndjson_round_trip(text: str, seq: int) -> None:
-    data = encode_ndjson(Event("gen_x", "token", seq, {"text": text}))
+    data = encode_ndjson(Event.new("gen_x", "token", seq, {"text": text}))
     assert data.endswith(b"\n") and data.count(b"\n") == 1  # one event, one line
     decoded = orjson.loads(data)
     assert decoded == {"type": "token", "seq": seq, "text": expected(text)}
@@ -38,7 +38,7 @@ def test_ndjson_round_trip(text: str, seq: int) -> None:
 @settings(max_examples=300, deadline=None)
 @given(text=texts, seq=st.integers(min_value=1, max_value=10**6), split=st.integers(0, 400))
 def test_sse_round_trip_in_any_chunking(text: str, seq: int, split: int) -> None:
-    event = Event("gen_x", "token", seq, {"text": text})
+    event = Event.new("gen_x", "token", seq, {"text": text})
     data = b"retry: 1000\n" + encode_sse(event)
     parser = SseParser()
     parser.feed(data[:split])
@@ -52,7 +52,7 @@ def test_sse_round_trip_in_any_chunking(text: str, seq: int, split: int) -> None
 @given(text=texts, request_id=st.text(min_size=1, max_size=20))
 def test_websocket_round_trip(text: str, request_id: str) -> None:
     request_id = scrub_surrogates(request_id)
-    event = Event("gen_x", "token", 5, {"text": text})
+    event = Event.new("gen_x", "token", 5, {"text": text})
     frame = with_request_id(request_id, encode_ws(event))
     frame.decode("utf-8")  # a text frame must be valid UTF-8
     assert orjson.loads(frame) == {
@@ -70,7 +70,7 @@ def test_paired_surrogates_become_the_character() -> None:
 
 
 def test_each_format_is_encoded_once_per_event() -> None:
-    event = Event("gen_x", "token", 1, {"text": "hi"})
+    event = Event.new("gen_x", "token", 1, {"text": "hi"})
     calls = []
 
     def counting(e: Event) -> bytes:
