@@ -40,10 +40,9 @@ from typing import Any
 
 import yaml
 
+from bench.checkouts import add_tree_argument, fake_upstream, trees
 from bench.sse_streams import free_port, wait_ready
-from bench.suite import Proc, gateway_config, load, start
-
-REPO = Path(__file__).resolve().parent.parent
+from bench.suite import Proc, gateway_config, load
 
 
 async def ready(proc: Proc, within_s: float = 300) -> None:
@@ -132,11 +131,7 @@ async def per_start(
 
 
 async def measure(args: argparse.Namespace) -> None:
-    upstream_port = free_port()
-    fake = ["-m", "tests.fake_upstream", "--port", str(upstream_port)]
-    upstream = Proc(f"http://127.0.0.1:{upstream_port}", await start(sys.executable, *fake))
-    try:
-        await wait_ready(upstream.url, upstream.process)
+    async with fake_upstream() as upstream:
         for transport in [t.strip() for t in args.transports.split(",")]:
             # The checkouts side by side, so that each runs under the same load.
             counts = await asyncio.gather(
@@ -152,23 +147,18 @@ async def measure(args: argparse.Namespace) -> None:
                     print(
                         f"{transport}: {count / 1e6:.3f} M instructions per stream start ({tree})"
                     )
-    finally:
-        upstream.process.terminate()
-        await upstream.process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tree", type=Path, action="append", help="a checkout measured (repeat to compare)"
-    )
+    add_tree_argument(parser)
     parser.add_argument("--transports", default="sse,openai")
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument(
         "--per-token", action="store_true", help="per paced token instead of per start"
     )
     args = parser.parse_args(argv)
-    args.tree = [tree.resolve() for tree in args.tree or [REPO]]
+    args.tree = trees(args)
     asyncio.run(measure(args))
     return 0
 
