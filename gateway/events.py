@@ -79,9 +79,10 @@ class Event(msgspec.Struct, gc=False, eq=False):
     Invisible to the cyclic GC (a msgspec `Struct` with `gc=False`): a
     replica's logs hold hundreds of thousands of events, and as tracked
     objects they were most of what every young-generation collection walked
-    (20-80 ms pauses at a few hundred streams, stalling every stream at once). An event refers to
-    strings, bytes and JSON data only, so it can never be part of a cycle.
-    Build one with `Event.new`, `Event.token` or `Event.decoded`.
+    (pauses of 30-60 ms at a few hundred streams, every stream stalled at
+    once). An event refers to strings, bytes and JSON data only, so it can
+    never be part of a cycle. Build one with `Event.new`, `Event.token` or
+    `Event.decoded`.
     """
 
     generation_id: str
