@@ -1,4 +1,4 @@
-"""`gateway` with its cyclic-GC collections timed, for `bench.gc_pauses`.
+"""`gateway` with its cyclic-GC collections timed, for `bench/gc_pauses.py`.
 
 `python bench/gc_gateway.py serve --config …` runs the gateway's own CLI,
 with a `gc.callbacks` hook that times every collection. SIGUSR2 writes the

@@ -4,7 +4,7 @@ A collection stops the event loop, so every stream waits for it at once:
 it shows up in the tails (TTFT and inter-token p99), not in CPU per token.
 This serves `--streams` paced streams (50 tokens/s, 100 tokens each, new
 ones as they end) for `--seconds` through a gateway started by
-`bench.gc_gateway` (the gateway with its collections timed), then prints
+`bench/gc_gateway.py` (the gateway with its collections timed), then prints
 how many collections of each generation ran and how long they held the loop.
 
     python -m bench.gc_pauses                              # this checkout: 200 SSE streams, 30 s
