@@ -14,8 +14,6 @@ possible. Each admitted stream is counted once for the load-following
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -126,13 +124,26 @@ async def admit_follower(request: web.Request, generation: GenerationLog) -> Lea
     return await request.app[limiter_key].admit(caller.rate_key, caller.limits, 0)
 
 
-@contextlib.asynccontextmanager
-async def following(request: web.Request, generation: GenerationLog) -> AsyncIterator[None]:
-    """`admit_follower` for the span of one HTTP handler."""
-    lease = await admit_follower(request, generation)
-    try:
-        yield
-    finally:
-        if lease is not None:
+class Following:
+    """`admit_follower` for the span of one HTTP handler (`async with`).
+
+    A class rather than an `asynccontextmanager`: every stream passes here, and
+    a local generation (the usual case) needs neither an async generator nor
+    contextlib's wrapper around it.
+    """
+
+    __slots__ = ("_generation", "_lease", "_request")
+
+    def __init__(self, request: web.Request, generation: GenerationLog) -> None:
+        self._request = request
+        self._generation = generation
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> None:
+        if self._generation.remote:
+            self._lease = await admit_follower(self._request, self._generation)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._lease is not None:
             # Shielded: the handler may be cancelled (its client left) while releasing.
-            await asyncio.shield(lease.release(0))
+            await asyncio.shield(self._lease.release(0))

@@ -17,7 +17,7 @@ import contextlib
 
 from aiohttp import web
 
-from gateway.admission import following
+from gateway.admission import Following
 from gateway.config import StreamSettings
 from gateway.events import Event
 from gateway.generation_log import GenerationLog, LogSubscription, Push
@@ -94,7 +94,7 @@ async def serve_stream(
     A reader of another replica's generation is admitted as a stream first:
     a refusal is an HTTP error, not a stream.
     """
-    async with following(request, generation):
+    async with Following(request, generation):
         streams = request.app[settings_key].streams
         tracker = track_stream(request, wire.transport, generation, new=new, resumed=resumed)
         sink: ClientSink | None = None
