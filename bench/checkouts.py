@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import json
+import os
+import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from bench.sse_streams import free_port, wait_ready
-from bench.suite import Proc, start
+from bench.suite import Proc, gateway_config, start
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def add_tree_argument(parser: argparse.ArgumentParser) -> None:
+def parse_with_trees(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments plus `--tree` (repeatable), resolved into `args.tree`:
+    the checkouts measured, this one when none is given."""
     parser.add_argument(
         "--tree", type=Path, action="append", help="a checkout measured (repeat to compare)"
     )
-
-
-def trees(args: argparse.Namespace) -> list[Path]:
-    """The `--tree` checkouts, resolved; this one when none is given."""
-    return [tree.resolve() for tree in args.tree or [REPO]]
+    args = parser.parse_args(argv)
+    args.tree = [tree.resolve() for tree in args.tree or [REPO]]
+    return args
 
 
 @contextlib.asynccontextmanager
@@ -37,3 +45,59 @@ async def fake_upstream() -> AsyncIterator[Proc]:
     finally:
         upstream.process.terminate()
         await upstream.process.wait()
+
+
+@contextlib.asynccontextmanager
+async def hooked_gateway(
+    tree: Path, upstream: Proc, hook: str, out_variable: str
+) -> AsyncIterator[tuple[Proc, Path]]:
+    """The gateway of `tree`, on `upstream`, run by this checkout's `bench/<hook>`
+    (as a file: the hook from here, the gateway from `tree`); also the file the
+    hook writes its notes to, named to it by the `out_variable` environment variable."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as work:
+        config = Path(work) / "config.yaml"
+        config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
+        out = Path(work) / "notes.json"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(REPO / "bench" / hook),
+            "serve",
+            "--config",
+            str(config),
+            env={**os.environ, "PYTHONPATH": str(tree), out_variable: str(out)},
+            cwd=tree,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        gateway = Proc(f"http://127.0.0.1:{port}", process)
+        try:
+            await wait_ready(gateway.url, process)
+            yield gateway, out
+        finally:
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+
+
+async def hook_notes(gateway: Proc, out: Path) -> Any:
+    """What a `hooked_gateway`'s hook noted since the last call (SIGUSR2 has it
+    write them and start over)."""
+    _forget(out)
+    gateway.process.send_signal(signal.SIGUSR2)
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if _written(out):
+            break
+    return _read(out)
+
+
+def _read(out: Path) -> Any:
+    return json.loads(out.read_bytes())
+
+
+def _forget(out: Path) -> None:
+    out.unlink(missing_ok=True)
+
+
+def _written(out: Path) -> bool:
+    return out.exists() and out.stat().st_size > 0

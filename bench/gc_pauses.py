@@ -19,65 +19,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import signal
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-import yaml
-
-from bench.checkouts import REPO, add_tree_argument, fake_upstream, trees
-from bench.sse_streams import free_port, wait_ready
-from bench.suite import Proc, gateway_config, load
+from bench.checkouts import fake_upstream, hook_notes, hooked_gateway, parse_with_trees
+from bench.suite import Proc, load
 
 
 async def pauses(tree: Path, upstream: Proc, args: argparse.Namespace) -> list[tuple[int, float]]:
     """(generation, ms) of each collection while the paced streams ran through `tree`."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as work:
-        config = Path(work) / "config.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
-        out = Path(work) / "pauses.json"
-        # The hook from this checkout (run as a file), the gateway from `tree`.
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(REPO / "bench" / "gc_gateway.py"),
-            "serve",
-            "--config",
-            str(config),
-            env={**os.environ, "PYTHONPATH": str(tree), "GC_PAUSES_OUT": str(out)},
-            cwd=tree,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
+    async with hooked_gateway(tree, upstream, "gc_gateway.py", "GC_PAUSES_OUT") as (gateway, out):
+        await load(gateway, gateway.url, args.transport, "fast", streams=50, tokens=64)
+        await hook_notes(gateway, out)  # forget the warm-up's collections
+        options = {"concurrency": args.streams, "tokens": 100, "ramp_s": 1}
+        run = await load(
+            gateway, gateway.url, args.transport, "paced-20", duration_s=args.seconds, **options
         )
-        gateway = Proc(f"http://127.0.0.1:{port}", process)
-        try:
-            await wait_ready(gateway.url, process)
-            await load(gateway, gateway.url, args.transport, "fast", streams=50, tokens=64)
-            process.send_signal(signal.SIGUSR2)  # forget the warm-up's collections
-            options = {"concurrency": args.streams, "tokens": 100, "ramp_s": 1}
-            run = await load(
-                gateway, gateway.url, args.transport, "paced-20", duration_s=args.seconds, **options
-            )
-            out.unlink(missing_ok=True)
-            process.send_signal(signal.SIGUSR2)
-            for _ in range(50):
-                await asyncio.sleep(0.1)
-                if out.exists() and out.stat().st_size:
-                    break
-            print(
-                f"# {tree}: {run['completed']} streams, {run['tokens']} tokens,"
-                f" TTFT p99 {run['ttft_p99_s'] * 1000:.1f} ms,"
-                f" inter-token p99 {run['itl_p99_s'] * 1000:.1f} ms",
-                flush=True,
-            )
-            return [(int(g), float(ms)) for g, ms in json.loads(out.read_text())]
-        finally:
-            process.send_signal(signal.SIGKILL)
-            await process.wait()
+        collections = await hook_notes(gateway, out)
+        print(
+            f"# {tree}: {run['completed']} streams, {run['tokens']} tokens,"
+            f" TTFT p99 {run['ttft_p99_s'] * 1000:.1f} ms,"
+            f" inter-token p99 {run['itl_p99_s'] * 1000:.1f} ms",
+            flush=True,
+        )
+        return [(int(g), float(ms)) for g, ms in collections]
 
 
 def summary(collections: list[tuple[int, float]]) -> str:
@@ -100,13 +66,10 @@ async def measure(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_tree_argument(parser)
     parser.add_argument("--transport", default="sse")
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=30)
-    args = parser.parse_args(argv)
-    args.tree = trees(args)
-    asyncio.run(measure(args))
+    asyncio.run(measure(parse_with_trees(parser, argv)))
     return 0
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from bench.checkouts import add_tree_argument, fake_upstream, trees
+from bench.checkouts import fake_upstream, parse_with_trees
 from bench.sse_streams import free_port, wait_ready
 from bench.suite import Proc, gateway_config, load
 
@@ -151,15 +151,12 @@ async def measure(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_tree_argument(parser)
     parser.add_argument("--transports", default="sse,openai")
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument(
         "--per-token", action="store_true", help="per paced token instead of per start"
     )
-    args = parser.parse_args(argv)
-    args.tree = trees(args)
-    asyncio.run(measure(args))
+    asyncio.run(measure(parse_with_trees(parser, argv)))
     return 0
 
 
