@@ -82,22 +82,10 @@ async def hooked_gateway(
 async def hook_notes(gateway: Proc, out: Path) -> Any:
     """What a `hooked_gateway`'s hook noted since the last call (SIGUSR2 has it
     write them and start over)."""
-    _forget(out)
+    out.unlink(missing_ok=True)  # noqa: ASYNC240 - a temporary file, instant
     gateway.process.send_signal(signal.SIGUSR2)
     for _ in range(50):
         await asyncio.sleep(0.1)
-        if _written(out):
+        if out.exists() and out.stat().st_size:  # noqa: ASYNC240
             break
-    return _read(out)
-
-
-def _read(out: Path) -> Any:
-    return json.loads(out.read_bytes())
-
-
-def _forget(out: Path) -> None:
-    out.unlink(missing_ok=True)
-
-
-def _written(out: Path) -> bool:
-    return out.exists() and out.stat().st_size > 0
+    return json.loads(out.read_bytes())  # noqa: ASYNC240
