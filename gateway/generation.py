@@ -25,7 +25,7 @@ from typing import Any
 from gateway.errors import AnswerTooLarge, GatewayError, InternalError, LogsFull, UpstreamError
 from gateway.events import DELTA_TYPES, EVENT_OVERHEAD_BYTES, Event, EventType
 from gateway.generation_log import LogMirror, Push, StopCause
-from gateway.providers.base import Delta, Finish, Item, Provider, ToolCallDelta, Usage
+from gateway.providers.base import Delta, Deltas, Finish, Provider, ToolCallDelta, Usage
 from gateway.schema import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,11 @@ class Generation:
                     if item.__class__ is Finish:
                         finish = item
                         break
-                    self._take(item)
+                    self._take(item)  # type: ignore[arg-type]  # not the `Finish` (above)
             if finish is None:
                 raise UpstreamError("upstream ended the stream without a finish reason")
+            if finish.deltas is not None:
+                self._take(finish.deltas, wake=False)  # woken with `done`, below
             self._final_usage = finish.usage
             self._append(
                 "done", {"finish_reason": finish.finish_reason, "usage": finish.usage.as_dict()}
@@ -197,16 +199,17 @@ class Generation:
             log.exception("generation failed", extra={"generation_id": self.id})
             self._fail(InternalError("internal error in the generation"))
 
-    def _take(self, item: Item) -> None:
-        """The deltas of one upstream read: logged, and written to caught-up readers."""
+    def _take(self, item: Deltas, wake: bool = True) -> None:
+        """The deltas of one upstream read: logged, and written to caught-up readers
+        (unless not `wake`: then the next append wakes them for both)."""
         kind = item.__class__
         if kind is str:
             if item:
-                self._append_tokens((item,))  # type: ignore[arg-type]
+                self._append_tokens((item,), wake)  # type: ignore[arg-type]
         elif kind is list:
-            self._append_tokens(item)  # type: ignore[arg-type]
+            self._append_tokens(item, wake)  # type: ignore[arg-type]
         else:
-            self._append_deltas(item if kind is tuple else (item,))  # type: ignore[arg-type]
+            self._append_deltas(item if kind is tuple else (item,), wake)  # type: ignore[arg-type]
 
     def _fail(self, error: GatewayError) -> None:
         self.failure = error
@@ -253,15 +256,15 @@ class Generation:
             self._mirror.append(self.id, event)
         self._wake([event])
 
-    def _append_tokens(self, texts: Sequence[str]) -> None:
+    def _append_tokens(self, texts: Sequence[str], wake: bool = True) -> None:
         """The text deltas of one upstream read, as one token event (the contract
         lets one read's deltas be coalesced): one event, encoding, wake-up and
         write however many deltas a fast upstream packed into the read."""
         self.deltas += len(texts)
         text = texts[0] if len(texts) == 1 else "".join(texts)
-        self._log([Event.token(self.id, len(self.events), text)])
+        self._log([Event.token(self.id, len(self.events), text)], wake)
 
-    def _append_deltas(self, deltas: Sequence[Delta]) -> None:
+    def _append_deltas(self, deltas: Sequence[Delta], wake: bool = True) -> None:
         """Events for a read that brought reasoning or tool-call deltas, in upstream order."""
         seq = len(self.events)
         added: list[Event] = []
@@ -279,9 +282,9 @@ class Generation:
             added.append(Event.new(self.id, kind, seq + len(added), delta.fields()))
         if added:
             self.deltas += len(added)
-            self._log(added)
+            self._log(added, wake)
 
-    def _log(self, added: list[Event]) -> None:
+    def _log(self, added: list[Event], wake: bool = True) -> None:
         """Append the answer events of one read, wake their readers once, then hold
         the log to its bounds: past one, the answer ends in an error (raised into `_run`)."""
         self.events.extend(added)
@@ -290,7 +293,8 @@ class Generation:
         if self._mirror is not None:
             for event in added:
                 self._mirror.append(self.id, event)
-        self._wake(added)
+        if wake:
+            self._wake(added)
         budget = self._budget
         if budget is not None:
             budget.used += grown

@@ -357,6 +357,35 @@ async def test_upstream_failures_on_every_transport(start_gateway: StartGateway)
     )
 
 
+async def test_an_answer_in_one_upstream_read_counts_its_first_token_everywhere(
+    start_gateway: StartGateway, fake_upstream: FakeUpstream
+) -> None:
+    """The read that ends the answer rides with its `Finish` (one send to the
+    client): its first token must still be timed, upstream and per transport."""
+    fake_upstream.tokens = ["only ", "this"]
+    fake_upstream.burst = True  # the whole answer in one write: one read
+    gpt = {"name": "gpt", "provider": "openai", "base_url": fake_upstream.base_url}
+    server = await start_gateway(models=[gpt])
+    before = await scrape(server)
+    async with aiohttp.ClientSession() as session:
+        texts = {
+            "chunked": text_of(await chunked(session, server, prompt="x", model="gpt")),
+            "sse": text_of(await sse(session, server, prompt="x", model="gpt")),
+            "websocket": text_of(await websocket(session, server, prompt="x", model="gpt")),
+            "openai": await openai_route(session, server, prompt="x", model="gpt"),
+        }
+    assert set(texts.values()) == {"only this"}, texts
+    delta = Deltas(before, await settled(server))
+    labels = {"provider": "openai", "model": "gpt"}
+    assert delta("gateway_upstream_time_to_first_token_seconds_count", **labels) == 4
+    for transport in TRANSPORTS:
+        assert delta("gateway_streams_total", transport=transport, outcome="completed") == 1
+        ttft = delta("gateway_time_to_first_token_seconds_count", transport=transport, model="gpt")
+        assert ttft == 1, transport
+        # One read's two deltas are one token event (the contract's coalescing).
+        assert delta("gateway_tokens_streamed_total", transport=transport, model="gpt") == 1
+
+
 async def test_openai_upstream_statuses_and_timeouts(
     start_gateway: StartGateway, fake_upstream: FakeUpstream
 ) -> None:

@@ -79,20 +79,30 @@ class Usage:
         }
 
 
+#: A delta, or the deltas of one upstream read as one batch.
+Deltas = str | list[str] | tuple[Delta, ...] | Reasoning | ToolCallDelta
+
+
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """The last item of a provider stream."""
+    """The last item of a provider stream.
+
+    `deltas`: those of the read that also brought the answer's end. They are
+    logged together with the end, so that a reader writes both in one send
+    instead of the deltas (pushed at once) and then the end a loop turn later.
+    """
 
     finish_reason: FinishReason
     usage: Usage
+    deltas: Deltas | None = None
 
 
 #: One item of a provider stream: a delta, a batch of deltas, or the closing `Finish`.
-Item = str | list[str] | tuple[Delta, ...] | Reasoning | ToolCallDelta | Finish
+Item = Deltas | Finish
 
 
 #: Takes the deltas of one upstream read, synchronously, from wherever they arrive.
-Deliver = Callable[[Item], object]
+Deliver = Callable[[Deltas], object]
 
 
 class Provider(Protocol):
@@ -108,8 +118,9 @@ class Provider(Protocol):
 
         With `deliver`, a provider may hand the deltas after the first ones to
         it as they arrive (inside the connection's read callback) instead of
-        yielding them; it yields at least the first delta and the `Finish`,
-        so what wraps it (metrics, retries before the first token) still sees
+        yielding them; it yields at least the first delta (or a `Finish` that
+        carries it, for an answer that came in one read) and the `Finish`, so
+        what wraps it (metrics, retries before the first token) still sees
         both. It may raise what `deliver` raises.
         """
         ...

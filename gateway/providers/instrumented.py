@@ -45,11 +45,14 @@ class InstrumentedProvider:
         try:
             async with aclosing(self._inner.stream(request, deliver)) as items:
                 async for item in items:
-                    if waiting_for_first and item.__class__ is not Finish:
+                    if item.__class__ is Finish:
+                        result = "200"
+                        # An answer that came in one read has its deltas here.
+                        if waiting_for_first and item.deltas is not None:
+                            children.ttft.observe(time.monotonic() - started)
+                    elif waiting_for_first:
                         waiting_for_first = False
                         children.ttft.observe(time.monotonic() - started)
-                    elif item.__class__ is Finish:
-                        result = "200"
                     yield item
         except UpstreamError as exc:
             result = upstream_result(exc)

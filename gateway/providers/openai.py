@@ -33,7 +33,7 @@ from yarl import URL
 from gateway.config import OpenAIModel
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.events import dumps_compact
-from gateway.providers.base import Deliver, Delta, Finish, Item, Usage
+from gateway.providers.base import Deliver, Delta, Deltas, Finish, Item, Usage
 from gateway.providers.openai_deltas import DeltaReader
 from gateway.providers.upstream_http import (
     Consume,
@@ -230,19 +230,26 @@ class OpenAIProvider:
                     if data and failure is None:
                         await asyncio.sleep(0)
                         item, failure = chunks.feed(data)
-                        if item is not None:
+                        if item is not None and not chunks.hold(item, failure):
                             yield item
             else:
                 item, failure = chunks.feed(data)
                 if item is not None:
                     first_yielded = True
-                    yield item
+                    if not chunks.hold(item, failure):
+                        yield item
             if failure is not None:
                 raise failure
             if first_yielded and deliver is not None and not chunks.ended:
                 await response.follow(chunks.consumer(deliver))
                 break
-        yield chunks.finish(request.prompt_tokens_estimate)
+        try:
+            finish = chunks.finish(request.prompt_tokens_estimate)
+        except UpstreamError:
+            if chunks.held is not None:
+                yield chunks.held  # the text before the failure still goes out
+            raise
+        yield finish
 
     def _parse(self, payload: bytes) -> dict[str, Any]:
         try:
@@ -293,7 +300,17 @@ class _ChunkStream:
     newline cannot grow our memory without end.
     """
 
-    __slots__ = ("_label", "_others", "_parse", "deltas", "ended", "finish_reason", "rest", "usage")
+    __slots__ = (
+        "_label",
+        "_others",
+        "_parse",
+        "deltas",
+        "ended",
+        "finish_reason",
+        "held",
+        "rest",
+        "usage",
+    )
 
     def __init__(self, label: str, parse: Callable[[bytes], dict[str, Any]]) -> None:
         self._label = label
@@ -304,8 +321,10 @@ class _ChunkStream:
         self.deltas = 0
         self.rest = b""
         self.ended = False
+        #: The deltas of the read that ended the answer, for its `Finish`.
+        self.held: Deltas | None = None
 
-    def feed(self, data: bytes) -> tuple[Item | None, UpstreamError | None]:
+    def feed(self, data: bytes) -> tuple[Deltas | None, UpstreamError | None]:
         """One read's deltas as one item (None: none), and the failure that
         followed them: the deltas before a bad line still go out."""
         if self.rest:
@@ -316,7 +335,7 @@ class _ChunkStream:
         payloads = _DATA_PAYLOADS.findall(data, 0, end) if end >= 0 else ()
         return self._items(payloads)
 
-    def feed_first(self, data: bytes) -> tuple[Item | None, UpstreamError | None, bytes]:
+    def feed_first(self, data: bytes) -> tuple[Deltas | None, UpstreamError | None, bytes]:
         """`feed` up to the payload that brings the first deltas (or a failure,
         or the end); also returns the part of `data` not fed yet."""
         data, self.rest = self.rest + data, b""
@@ -329,7 +348,7 @@ class _ChunkStream:
         self.rest = data[end + 1 :]
         return None, self._line_too_long(), b""
 
-    def _items(self, payloads: Iterable[bytes]) -> tuple[Item | None, UpstreamError | None]:
+    def _items(self, payloads: Iterable[bytes]) -> tuple[Deltas | None, UpstreamError | None]:
         texts: list[Delta] = []
         mixed = False
         failure: UpstreamError | None = None
@@ -368,6 +387,14 @@ class _ChunkStream:
             return UpstreamError(f"{self._label} sent a line over {MAX_LINE_BYTES} bytes")
         return None
 
+    def hold(self, item: Deltas, failure: UpstreamError | None) -> bool:
+        """Keep the deltas of the read that ended the answer for its `Finish`
+        (logged and written with the end, in one send); False: not the end."""
+        if not self.ended or failure is not None:
+            return False
+        self.held = item
+        return True
+
     def consumer(self, deliver: Deliver) -> Consume:
         """`feed` for `Exchange.follow`: each read's deltas go to `deliver` as they come."""
         feed = self.feed
@@ -377,7 +404,7 @@ class _ChunkStream:
                 data += b"\n"  # the last line had no newline
             if data:
                 item, failure = feed(data)
-                if item is not None:
+                if item is not None and not self.hold(item, failure):
                     deliver(item)
                 if failure is not None:
                     raise failure
@@ -390,7 +417,7 @@ class _ChunkStream:
             raise UpstreamError(f"{self._label} ended the stream without a finish reason")
         # Servers that ignore stream_options report no usage: count what came.
         usage = self.usage or Usage(prompt_tokens_estimate, self.deltas)
-        return Finish(self._others.finish_reason(self.finish_reason), usage)
+        return Finish(self._others.finish_reason(self.finish_reason), usage, self.held)
 
 
 def _authorization(key: str | None, url: URL) -> dict[str, str]:

@@ -7,7 +7,9 @@ import time
 from typing import Any
 
 import orjson
+import pytest
 
+from gateway.errors import UpstreamError
 from gateway.providers.openai import _ChunkStream
 
 
@@ -48,3 +50,31 @@ def test_a_long_run_of_blanks_inside_a_line_is_read_in_linear_time() -> None:
     with contextlib.suppress(orjson.JSONDecodeError):
         stream.feed(b"data: x" + b" " * 200_000 + b"y \n\n")
     assert time.perf_counter() - began < 1.0
+
+
+def finish_frames(reason: str | None) -> bytes:
+    chunk = {"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+    return b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
+
+
+def test_the_read_that_ends_a_sound_answer_is_held_for_its_finish() -> None:
+    """Its deltas go out with the end in one send, not pushed a loop turn before it."""
+    stream = _ChunkStream("up", parse)
+    delivered: list[object] = []
+    consume = stream.consumer(delivered.append)
+    assert consume(frame("a"), False) is False
+    assert consume(frame("b") + frame("c") + finish_frames("stop"), False) is True
+    assert delivered == ["a"]
+    finish = stream.finish(1)
+    assert (finish.finish_reason, finish.deltas) == ("stop", ["b", "c"])
+    assert finish.usage.completion_tokens == 3
+
+
+def test_a_held_last_read_is_kept_when_the_answer_fails_at_its_end() -> None:
+    """No finish reason: `finish` fails, and the provider yields the held text first."""
+    stream = _ChunkStream("up", parse)
+    consume = stream.consumer(lambda item: None)
+    assert consume(frame("a") + finish_frames(None), False) is True
+    with pytest.raises(UpstreamError, match="without a finish reason"):
+        stream.finish(1)
+    assert stream.held == "a"

@@ -21,18 +21,20 @@ from gateway.schema import GenerationRequest
 
 
 class ScriptedProvider:
-    """Yields what the test puts in its queue; `None` ends the stream."""
+    """Yields what the test puts in its queue; `None` or a `Finish` ends the stream."""
 
     kind = "scripted"
 
     def __init__(self) -> None:
-        self.items: asyncio.Queue[str | list[str] | None] = asyncio.Queue()
+        self.items: asyncio.Queue[str | list[str] | Finish | None] = asyncio.Queue()
 
     async def stream(
         self, request: GenerationRequest, deliver: Deliver | None = None
     ) -> AsyncIterator[str | list[str] | Finish]:
         while (item := await self.items.get()) is not None:
             yield item
+            if isinstance(item, Finish):
+                return
         yield Finish("stop", Usage(1, 0))
 
     async def aclose(self) -> None:
@@ -96,6 +98,33 @@ async def test_pushed_tokens_do_not_wake_the_reader_and_the_end_does() -> None:
     assert [[e.type for e in batch] for batch in woken] == [["start"], ["done"]]
     assert woken[-1][0].seq == 4
     assert gen.completion_tokens == 5  # every delta counts
+
+
+async def test_deltas_that_came_with_the_end_wake_the_reader_once_with_the_end() -> None:
+    """The read that ends the answer: its deltas are not pushed on their own,
+    so the reader writes them and the end in one send."""
+    provider = ScriptedProvider()
+    gen = generation(provider)
+    gen.start()
+    pushed: list[list[Event]] = []
+    woken: list[list[Event]] = []
+
+    async def read() -> None:
+        with gen.subscribe() as subscription:
+            subscription.push_tokens(lambda events: pushed.append(events) is None)
+            while (batch := await subscription.next_batch()) is not None:
+                woken.append(batch)
+
+    reader = asyncio.create_task(read())
+    await settle()
+    provider.items.put_nowait("a")
+    await settle()
+    provider.items.put_nowait(Finish("stop", Usage(1, 3), deltas=["b", "c"]))
+    await asyncio.wait_for(reader, 2)
+    assert [texts(batch) for batch in pushed] == [["a"]]
+    assert [[e.type for e in batch] for batch in woken] == [["start"], ["token", "done"]]
+    assert texts(woken[-1]) == ["bc"]
+    assert gen.completion_tokens == 3
 
 
 async def test_a_refused_push_wakes_the_reader_with_those_events() -> None:
