@@ -70,21 +70,24 @@ async def follow(gen: Generation, push: Push, seen: list[str]) -> None:
             seen.extend(texts(batch))
 
 
+async def read_recording(
+    gen: Generation, pushed: list[list[Event]], woken: list[list[Event]]
+) -> None:
+    """Read to the end, pushing after `start`: what was pushed, what woke the reader."""
+    with gen.subscribe() as subscription:
+        woken.append(await subscription.next_batch() or [])  # `start`
+        subscription.push_tokens(lambda events: pushed.append(events) is None)
+        while (batch := await subscription.next_batch()) is not None:
+            woken.append(batch)
+
+
 async def test_pushed_tokens_do_not_wake_the_reader_and_the_end_does() -> None:
     provider = ScriptedProvider()
     gen = generation(provider)
     gen.start()
     pushed: list[list[Event]] = []
     woken: list[list[Event]] = []
-
-    async def read() -> None:
-        with gen.subscribe() as subscription:
-            woken.append(await subscription.next_batch() or [])  # `start`
-            subscription.push_tokens(lambda events: pushed.append(events) is None)
-            while (batch := await subscription.next_batch()) is not None:
-                woken.append(batch)
-
-    reader = asyncio.create_task(read())
+    reader = asyncio.create_task(read_recording(gen, pushed, woken))
     await settle()
     for item in ("a", ["b", "c", "d"], "e"):
         provider.items.put_nowait(item)
@@ -108,14 +111,7 @@ async def test_deltas_that_came_with_the_end_wake_the_reader_once_with_the_end()
     gen.start()
     pushed: list[list[Event]] = []
     woken: list[list[Event]] = []
-
-    async def read() -> None:
-        with gen.subscribe() as subscription:
-            subscription.push_tokens(lambda events: pushed.append(events) is None)
-            while (batch := await subscription.next_batch()) is not None:
-                woken.append(batch)
-
-    reader = asyncio.create_task(read())
+    reader = asyncio.create_task(read_recording(gen, pushed, woken))
     await settle()
     provider.items.put_nowait("a")
     await settle()
