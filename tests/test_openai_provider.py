@@ -818,6 +818,8 @@ MID_STREAM = {
     "drop": {"drop_after": 2},
     "in-stream-error": {"error_after": 2},
     "malformed": {"malformed_after": 2},
+    # Valid JSON of the wrong shape (a `delta` that is not an object).
+    "wrong-shape": {"script": [{"content": "Hel"}, {"content": "lo"}, "x"]},
     "no-finish": {"omit_finish": True, "tokens": ["Hel", "lo"]},
     "no-finish-no-done": {"omit_finish": True, "omit_done": True, "tokens": ["Hel", "lo"]},
 }
