@@ -178,11 +178,14 @@ class Generation:
             # The provider may hand deltas to `_take` from its read callback
             # instead of yielding them (no task switch per upstream read).
             async with aclosing(self.provider.stream(self.request, self._take)) as items:
+                # Read to the end, not `break` at the `Finish` (its last item):
+                # the provider's generators then return, instead of each having
+                # `GeneratorExit` thrown through it by `aclose`.
                 async for item in items:
                     if item.__class__ is Finish:
                         finish = item
-                        break
-                    self._take(item)  # type: ignore[arg-type]  # not the `Finish` (above)
+                    elif finish is None:
+                        self._take(item)  # type: ignore[arg-type]  # not a `Finish` (above)
             if finish is None:
                 raise UpstreamError("upstream ended the stream without a finish reason")
             if finish.deltas is not None:
