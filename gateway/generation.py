@@ -291,7 +291,10 @@ class Generation:
         """Append the answer events of one read, wake their readers once, then hold
         the log to its bounds: past one, the answer ends in an error (raised into `_run`)."""
         self.events.extend(added)
-        grown = sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
+        if len(added) == 1:  # a text read's one event: no generator per token
+            grown = len(added[0].json) + EVENT_OVERHEAD_BYTES
+        else:
+            grown = sum(len(e.json) for e in added) + EVENT_OVERHEAD_BYTES * len(added)
         self.size_bytes += grown
         if self._mirror is not None:
             for event in added:
