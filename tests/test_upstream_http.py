@@ -131,6 +131,31 @@ async def test_the_request_goes_out_as_given_and_the_answer_comes_back() -> None
     assert request.endswith(b'Content-Length: 7\r\n\r\n{"a":1}')
 
 
+async def test_each_answer_has_its_own_headers_and_the_last_of_a_repeated_one_wins() -> None:
+    """Headers are kept raw and decoded on first use: names lower-cased, the
+    last of a repeated name (in any case) wins, and nothing carries over to
+    the next answer on the same connection."""
+    answers = iter([b"Retry-After: 1\r\nX-Answer: one\r\nretry-after: 2\r\n", b"X-Answer: two\r\n"])
+
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = OK_HEAD.replace(b"\r\n\r\n", b"\r\n" + next(answers) + b"\r\n", 1)
+        writer.write(head + chunk(b"data: x\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+
+    seen = []
+    async with serving(answer) as server:
+        async with pool_for(server) as pool:
+            for _ in range(2):
+                async with pool.post(b"{}", {}, 5.0) as response:
+                    while await response.readany():
+                        pass
+                    seen.append(response.headers)
+    assert server.connections == 1
+    assert seen[0]["retry-after"] == "2" and seen[0]["x-answer"] == "one"
+    assert seen[1]["x-answer"] == "two" and "retry-after" not in seen[1]
+    assert seen[1]["content-type"] == "text/event-stream"
+
+
 async def test_connections_are_reused_across_answers() -> None:
     async with serving(lambda _, w: whole_answer(w)) as server:
         async with pool_for(server) as pool:
