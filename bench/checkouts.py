@@ -47,6 +47,26 @@ async def fake_upstream() -> AsyncIterator[Proc]:
         await upstream.process.wait()
 
 
+def config_file(work: str | Path, port: int, upstream: Proc) -> Path:
+    """The benches' gateway config (`bench.suite.gateway_config`), written into `work`."""
+    config = Path(work) / "config.yaml"
+    config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
+    return config
+
+
+async def start_in_tree(tree: Path, *argv: str, **env: str) -> asyncio.subprocess.Process:
+    """`argv` run from `tree` with `tree` first on the path, so that `-m gateway`
+    is that checkout's gateway (`bench.sse_streams.start_process` always runs
+    this checkout's, whatever the caller's working folder)."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        env={**os.environ, "PYTHONPATH": str(tree), **env},
+        cwd=tree,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 @contextlib.asynccontextmanager
 async def hooked_gateway(
     tree: Path, upstream: Proc, hook: str, out_variable: str
@@ -56,20 +76,11 @@ async def hooked_gateway(
     hook writes its notes to, named to it by the `out_variable` environment variable."""
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
-        config = Path(work) / "config.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
+        config = config_file(work, port, upstream)
         out = Path(work) / "notes.json"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(REPO / "bench" / hook),
-            "serve",
-            "--config",
-            str(config),
-            env={**os.environ, "PYTHONPATH": str(tree), out_variable: str(out)},
-            cwd=tree,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        hook_path = str(REPO / "bench" / hook)
+        argv = (sys.executable, hook_path, "serve", "--config", str(config))
+        process = await start_in_tree(tree, *argv, **{out_variable: str(out)})
         gateway = Proc(f"http://127.0.0.1:{port}", process)
         try:
             await wait_ready(gateway.url, process)

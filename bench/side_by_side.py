@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bench.checkouts import fake_upstream, parse_with_trees
+from bench.checkouts import config_file, fake_upstream, parse_with_trees, start_in_tree
 from bench.sse_streams import free_port, wait_ready
-from bench.suite import Proc, gateway_config, load
+from bench.suite import Proc, load
 
 #: shape -> (loadgen options, its warm-up's)
 SHAPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -60,16 +57,9 @@ async def one_round(tree: Path, upstream: Proc, transport: str, shape: str) -> d
     options, warm_up = SHAPES[shape]
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
-        config = Path(work) / "config.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
-        # `tree`'s gateway: its folder first on the path (not this checkout's).
-        process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "gateway", "serve", "--config", str(config)],
-            env={**os.environ, "PYTHONPATH": str(tree)},
-            cwd=tree,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        config = config_file(work, port, upstream)
+        argv = (sys.executable, "-m", "gateway", "serve", "--config", str(config))
+        process = await start_in_tree(tree, *argv)
         gateway = Proc(f"http://127.0.0.1:{port}", process)
         try:
             await wait_ready(gateway.url, process)

@@ -38,11 +38,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bench.checkouts import fake_upstream, parse_with_trees
+from bench.checkouts import config_file, fake_upstream, parse_with_trees, start_in_tree
 from bench.sse_streams import free_port, wait_ready
-from bench.suite import Proc, gateway_config, load
+from bench.suite import Proc, load
 
 
 async def ready(proc: Proc, within_s: float = 300) -> None:
@@ -100,17 +98,10 @@ async def per_start(
     with `per_token`, per paced token beyond the first."""
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
-        config = Path(work) / "config.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
+        config = config_file(work, port, upstream)
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.out"]
         command += [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            env={**os.environ, "PYTHONPATH": str(tree)},
-            cwd=tree,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        process = await start_in_tree(tree, *command)
         gateway = Proc(f"http://127.0.0.1:{port}", process)
         try:
             await ready(gateway)

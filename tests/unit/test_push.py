@@ -81,13 +81,20 @@ async def read_recording(
             woken.append(batch)
 
 
-async def test_pushed_tokens_do_not_wake_the_reader_and_the_end_does() -> None:
+def started_and_recorded() -> tuple[
+    ScriptedProvider, Generation, list[list[Event]], list[list[Event]], asyncio.Task[None]
+]:
+    """A started generation and a `read_recording` reader of it, with its two lists."""
     provider = ScriptedProvider()
     gen = generation(provider)
     gen.start()
     pushed: list[list[Event]] = []
     woken: list[list[Event]] = []
-    reader = asyncio.create_task(read_recording(gen, pushed, woken))
+    return provider, gen, pushed, woken, asyncio.create_task(read_recording(gen, pushed, woken))
+
+
+async def test_pushed_tokens_do_not_wake_the_reader_and_the_end_does() -> None:
+    provider, gen, pushed, woken, reader = started_and_recorded()
     await settle()
     for item in ("a", ["b", "c", "d"], "e"):
         provider.items.put_nowait(item)
@@ -106,12 +113,7 @@ async def test_pushed_tokens_do_not_wake_the_reader_and_the_end_does() -> None:
 async def test_deltas_that_came_with_the_end_wake_the_reader_once_with_the_end() -> None:
     """The read that ends the answer: its deltas are not pushed on their own,
     so the reader writes them and the end in one send."""
-    provider = ScriptedProvider()
-    gen = generation(provider)
-    gen.start()
-    pushed: list[list[Event]] = []
-    woken: list[list[Event]] = []
-    reader = asyncio.create_task(read_recording(gen, pushed, woken))
+    provider, gen, pushed, woken, reader = started_and_recorded()
     await settle()
     provider.items.put_nowait("a")
     await settle()
