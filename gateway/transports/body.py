@@ -23,7 +23,7 @@ async def read_body(request: web.Request) -> bytes:
         # 30 µs of the path to the upstream's request).
         body = content.read_nowait()
         if len(body) > server.max_body_bytes:
-            raise BodyTooLarge(f"body exceeds the limit of {server.max_body_bytes} bytes")
+            raise _over_the_limit(server.max_body_bytes)
         return body
     try:
         async with asyncio.timeout(server.body_timeout_s):
@@ -31,7 +31,11 @@ async def read_body(request: web.Request) -> bytes:
     except TimeoutError:
         raise BodyTimeout(f"body not received within {server.body_timeout_s} s") from None
     except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(f"body exceeds the limit of {server.max_body_bytes} bytes") from None
+        raise _over_the_limit(server.max_body_bytes) from None
+
+
+def _over_the_limit(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"body exceeds the limit of {limit} bytes")
 
 
 async def read_json_body(request: web.Request) -> dict[str, Any]:
