@@ -288,7 +288,9 @@ def duplicate_of(pid: int, fd: int) -> int:
 async def test_gateway_serve_holds_its_connections_to_the_write_timeout(tmp_path: Path) -> None:
     """What `gateway serve` itself sets (the test above runs the app in this
     process): the server's side of a client's connection, read from the
-    gateway process, has `TCP_USER_TIMEOUT` = `streams.write_timeout_s`."""
+    gateway process, has `TCP_USER_TIMEOUT` = `streams.write_timeout_s`, and
+    keep-alive probes and `TCP_NODELAY` on, which it inherits from the
+    listener and gets from uvloop rather than from aiohttp per connection."""
     config = {
         "server": {"host": "127.0.0.1", "port": free_port()},
         "models": [{**THINKING, "first_token_ms": 600}],
@@ -318,6 +320,8 @@ async def test_gateway_serve_holds_its_connections_to_the_write_timeout(tmp_path
                 raise
             with socket.socket(fileno=fd) as sock:
                 timeout = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
-        assert timeout == 9000
+                keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert (timeout, keepalive, nodelay) == (9000, 1, 1)
     finally:
         await gateway.stop()
