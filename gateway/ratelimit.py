@@ -181,6 +181,18 @@ class Lease:
         if self.limiter is not None:
             await self.limiter.release(self, used_tokens)
 
+    def release_now(self, used_tokens: int) -> bool:
+        """`release`, done at once when no shared backend must be awaited (no
+        limits, or limits kept in this process's memory); False: await `release`.
+
+        A stream's end then needs no task for it (one a stream, for nothing to await)."""
+        if self.released:
+            return True
+        if self.limiter is not None and not self.limiter.release_now(self, used_tokens):
+            return False
+        self.released = True
+        return True
+
 
 def _hold(limits: Limits, reserve: int) -> int:
     """Tokens a lease holds while it runs: its reservation, capped at the whole budget."""
@@ -292,6 +304,10 @@ class MemoryBackend:
         return None
 
     async def release(self, key: str, limits: Limits, lease_id: str, used_tokens: int) -> None:
+        self.release_now(key, limits, lease_id, used_tokens)
+
+    def release_now(self, key: str, limits: Limits, lease_id: str, used_tokens: int) -> None:
+        """Memory needs no wait: `RateLimiter.release_now` calls this directly."""
         state = self._states.get(key)
         if state is None:
             if not limits.tokens_per_minute:
@@ -471,12 +487,11 @@ class RateLimiter:
         """
         prompt_tokens = max(0, prompt_tokens)
         reserve = max(0, reserve, prompt_tokens)
-        lease = Lease(self, key, limits, secrets.token_hex(8), reserve)
         if not (
             limits.requests_per_minute or limits.tokens_per_minute or limits.concurrent_streams
         ):
-            lease.limiter = None
-            return lease
+            return Lease(None, key, limits, "", reserve)  # holds nothing: no id to draw
+        lease = Lease(self, key, limits, secrets.token_hex(8), reserve)
         if time.monotonic() < self._down_until:
             return await self._unavailable(lease, None, prompt_tokens)
         try:
@@ -497,9 +512,7 @@ class RateLimiter:
             raise refusal.error()
 
     async def release(self, lease: Lease, used_tokens: int) -> None:
-        if lease.local:
-            assert self._local is not None
-            await self._local.release(lease.key, lease.limits, lease.lease_id, used_tokens)
+        if self.release_now(lease, used_tokens):
             return
         if self._held.pop(lease.lease_id, None) is None:
             return
@@ -508,6 +521,20 @@ class RateLimiter:
         except BackendUnavailable as exc:
             # The lease and its reservation expire on their own; the usage goes uncharged.
             self._note_failure(exc)
+
+    def release_now(self, lease: Lease, used_tokens: int) -> bool:
+        """Release a lease held in memory at once; False if the shared backend holds it."""
+        if lease.local:
+            assert self._local is not None
+            memory = self._local
+        elif isinstance(self._backend, MemoryBackend):
+            memory = self._backend
+            if self._held.pop(lease.lease_id, None) is None:
+                return True
+        else:
+            return False
+        memory.release_now(lease.key, lease.limits, lease.lease_id, used_tokens)
+        return True
 
     async def _unavailable(
         self, lease: Lease, exc: BackendUnavailable | None, prompt_tokens: int

@@ -121,7 +121,7 @@ class GenerationRegistry:
                 if not waiter.done():
                     waiter.set_result(None)
         lease = self._leases.pop(generation.id, None)
-        if lease is not None:
+        if lease is not None and not lease.release_now(generation.used_tokens):
             task = asyncio.get_running_loop().create_task(lease.release(generation.used_tokens))
             self._releasing.add(task)
             task.add_done_callback(self._releasing.discard)

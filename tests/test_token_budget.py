@@ -230,7 +230,9 @@ async def run_program(program: Program, limiter: RateLimiter, clock: list[int]) 
     async def end(index: int, used: int) -> None:
         number, lease, record = running.pop(index)
         record.used, record.ended_ms = used, clock[0]
-        await lease.release(used)
+        # As a stream's end does it: at once in memory, awaited from a shared backend.
+        if not lease.release_now(used):
+            await lease.release(used)
         model.end(clock[0], number, used)
 
     for number, op in enumerate(program.ops):
