@@ -394,6 +394,9 @@ CAPACITY_TTFT_MS = 10.0
 CAPACITY_ITL = 1.1
 #: Where the search stops: the bracket is narrower than this share of its top.
 CAPACITY_PRECISION = 0.1
+#: Direct streams run beside every probe, at the same pace, as its baseline
+#: (at most this many; as many as the probe's below it).
+CAPACITY_CANARIES = 20
 
 
 def carried(direct: dict, through: dict) -> bool:
@@ -406,20 +409,41 @@ def carried(direct: dict, through: dict) -> bool:
 
 
 async def capacity_of(
-    target: Proc, transport: str, direct_at: Callable[[int, bool], Any], quick: bool
-) -> tuple[int, float]:
+    up: Proc, target: Proc, transport: str, quick: bool
+) -> tuple[int, float, list[dict[str, float]]]:
     """The largest count of paced streams `target` carries, found by doubling
-    then bisection; and its CPU per 1,000 tokens at that count."""
+    then bisection; its CPU per 1,000 tokens at that count; and every probe.
+
+    Direct's baseline is measured alongside each probe, not before it: a few
+    direct streams (canaries) run through the same seconds, so a spell in
+    which this shared machine stalls every process (which moved the search's
+    answer threefold and more between runs while direct was measured apart) hits
+    the baseline as much as the target, and what is left is the target's own
+    lag."""
     duration = 6 if quick else 12
+    probes: list[dict[str, float]] = []
 
     async def probe(streams: int) -> tuple[bool, float]:
-        """A count that misses is tried once more, against direct measured again:
-        one noisy run (of direct or of the target) must not end the search."""
-        options = {"concurrency": streams, "tokens": 100, "duration_s": duration, "ramp_s": 1}
-        for fresh in (False, True):
-            through = await load(target, target.url, transport, "paced-20", **options)
+        """A count that misses is tried once more: one noisy run must not end the search."""
+        options = {"tokens": 100, "duration_s": duration, "ramp_s": 1}
+        canaries = min(streams, CAPACITY_CANARIES)
+        for _ in range(2):
+            through, direct = await asyncio.gather(
+                load(target, target.url, transport, "paced-20", concurrency=streams, **options),
+                load(up, up.url, "openai", "paced-20", concurrency=canaries, **options),
+            )
             cpu = through["cpu_s"] * 1e6 / max(1, through["tokens"])
-            if carried(await direct_at(streams, fresh), through):
+            ok = carried(direct, through)
+            probes.append(
+                {
+                    "streams": float(streams),
+                    "carried": float(ok),
+                    "errors": errors_of(through),
+                    "added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
+                    "ITL p99 vs direct": through["itl_p99_s"] / max(1e-9, direct["itl_p99_s"]),
+                }
+            )
+            if ok:
                 return True, cpu
         return False, cpu
 
@@ -430,7 +454,7 @@ async def capacity_of(
             break
         low, cpu_at_low, high = high, cpu, high * 2
         if high > 4_000:
-            return low, cpu_at_low
+            return low, cpu_at_low, probes
     while high - low > max(10, CAPACITY_PRECISION * high):
         middle = (low + high) // 2
         ok, cpu = await probe(middle)
@@ -438,37 +462,44 @@ async def capacity_of(
             low, cpu_at_low = middle, cpu
         else:
             high = middle
-    return low, cpu_at_low
+    return low, cpu_at_low, probes
+
+
+def print_probes(name: str, probes: list[dict[str, float]]) -> None:
+    """Each probe of a search, on stderr: a count's answer is read with its margins."""
+    for p in probes:
+        print(
+            f"# capacity {name}: {p['streams']:.0f} streams "
+            f"{'carried' if p['carried'] else 'missed'}: TTFT p99 "
+            f"{p['added TTFT p99 ms']:+.1f} ms, ITL p99 ×{p['ITL p99 vs direct']:.2f} "
+            f"of direct's, {p['errors']:.0f} errors",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 async def capacity(up: Proc, gw: Proc, quick: bool) -> Runs:
     """Issue 19's yardstick: streams carried through the gateway against the relay's."""
-    cache: dict[int, dict] = {}
-
-    async def direct_at(streams: int, fresh: bool = False) -> dict:
-        if fresh or streams not in cache:
-            duration = 6 if quick else 12
-            options = {"concurrency": streams, "tokens": 100, "duration_s": duration, "ramp_s": 1}
-            cache[streams] = await load(up, up.url, "openai", "paced-20", **options)
-        return cache[streams]
-
-    assert up.relay is not None
-    relay, relay_cpu = await capacity_of(up.relay, "openai", direct_at, quick)
+    assert up.relay is not None and up.floor is not None
+    relay, relay_cpu, probes = await capacity_of(up, up.relay, "openai", quick)
+    print_probes("relay floor", probes)
     rows: Runs = {
         "capacity relay floor": {"streams": float(relay), "CPU ms per 1k tokens": relay_cpu}
     }
-    assert up.floor is not None
-    floor, floor_cpu = await capacity_of(up.floor, "openai", direct_at, quick)
+    floor, floor_cpu, probes = await capacity_of(up, up.floor, "openai", quick)
+    print_probes("aiohttp floor", probes)
     rows["capacity aiohttp floor"] = {
         "streams": float(floor),
         "floor vs relay": floor / max(1, relay),
         "CPU ms per 1k tokens": floor_cpu,
     }
     for transport in [t for t in TRANSPORTS_CHOSEN if t in ("openai", "sse")]:
-        streams, cpu = await capacity_of(gw, transport, direct_at, quick)
+        streams, cpu, probes = await capacity_of(up, gw, transport, quick)
+        print_probes(transport, probes)
         rows[f"capacity {transport}"] = {
             "streams": float(streams),
             "vs relay": streams / max(1, relay),
+            "vs aiohttp floor": streams / max(1, floor),
             "CPU ms per 1k tokens": cpu,
         }
     return rows
