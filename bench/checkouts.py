@@ -47,10 +47,15 @@ async def fake_upstream() -> AsyncIterator[Proc]:
         await upstream.process.wait()
 
 
-def config_file(work: str | Path, port: int, upstream: Proc) -> Path:
-    """The benches' gateway config (`bench.suite.gateway_config`), written into `work`."""
+def config_file(work: str | Path, port: int, upstream: Proc, log_level: str = "warning") -> Path:
+    """The benches' gateway config (`bench.suite.gateway_config`), written into `work`.
+
+    `log_level`: the suite logs warnings only; "info", the gateway's default,
+    adds the access line of every request."""
+    tree = gateway_config(port, upstream.url)
+    tree["logging"] = {**tree["logging"], "level": log_level}
     config = Path(work) / "config.yaml"
-    config.write_text(yaml.safe_dump(gateway_config(port, upstream.url)))
+    config.write_text(yaml.safe_dump(tree))
     return config
 
 

@@ -18,6 +18,10 @@ carries its index as `seed`, so a simulated model writes the same text on
 every server compared. One JSON summary goes to stdout: `peak_open` counts
 streams from their first byte sent, `held_peak` only those the server
 answered and has not finished (the streams it held at once).
+`--canaries N --canary-url U` runs N more streams of the same shape straight
+to `U` (OpenAI's route) in the same process and the same seconds, summarised
+apart under `canaries`: the baseline of what the upstream, this process and
+the machine gave meanwhile (`bench.suite --capacity`).
 """
 
 from __future__ import annotations
@@ -275,6 +279,19 @@ class Generator:
         }
 
 
+async def run_with_canaries(args: argparse.Namespace) -> dict[str, Any]:
+    """The run, and its canaries (if any) through the same seconds on the same loop."""
+    if not args.canaries:
+        return await Generator(args).run()
+    canary_args = argparse.Namespace(**vars(args))
+    canary_args.url, canary_args.transport = args.canary_url, "openai"
+    canary_args.concurrency = canary_args.streams = args.canaries
+    canary_args.drop_after, canary_args.tag = 0, f"{args.tag}-canary"
+    summary, canaries = await asyncio.gather(Generator(args).run(), Generator(canary_args).run())
+    summary["canaries"] = canaries
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="the server's base URL")
@@ -294,12 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         help="count this text instead of the transport's token marker: one per upstream "
         "token, however the server groups tokens into events (the fake upstream's `tok `)",
     )
+    parser.add_argument("--canaries", type=int, default=0, help="direct streams alongside")
+    parser.add_argument("--canary-url", help="where the canaries go: the upstream's base URL")
     args = parser.parse_args(argv)
+    if args.canaries and not args.canary_url:
+        parser.error("--canaries needs --canary-url")
     from gateway.server import new_event_loop
 
     loop = new_event_loop()
     try:
-        summary = loop.run_until_complete(Generator(args).run())
+        summary = loop.run_until_complete(run_with_canaries(args))
     finally:
         loop.close()
     sys.stdout.buffer.write(orjson.dumps(summary) + b"\n")

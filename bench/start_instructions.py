@@ -16,6 +16,7 @@ the Python side of a start costs.
     python -m bench.start_instructions --tree /tmp/wt-old --tree .   # side by side
     python -m bench.start_instructions --transports chunked --streams 200
     python -m bench.start_instructions --per-token --transports ws,sse   # per paced token
+    python -m bench.start_instructions --log-level info   # with the access log on, as by default
 
 `--per-token` serves, in the same gateway, one-token streams and then
 50-token streams from the `paced-20` model (a token every 20 ms, one upstream
@@ -92,13 +93,18 @@ async def served(
 
 
 async def per_start(
-    tree: Path, transport: str, streams: int, upstream: Proc, per_token: bool = False
+    tree: Path,
+    transport: str,
+    streams: int,
+    upstream: Proc,
+    per_token: bool = False,
+    log_level: str = "warning",
 ) -> float:
     """Instructions per one-token stream over `transport`, for the gateway in `tree`;
     with `per_token`, per paced token beyond the first."""
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
-        config = config_file(work, port, upstream)
+        config = config_file(work, port, upstream, log_level)
         command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.out"]
         command += [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         process = await start_in_tree(tree, *command)
@@ -127,7 +133,9 @@ async def measure(args: argparse.Namespace) -> None:
             # The checkouts side by side, so that each runs under the same load.
             counts = await asyncio.gather(
                 *(
-                    per_start(tree, transport, args.streams, upstream, args.per_token)
+                    per_start(
+                        tree, transport, args.streams, upstream, args.per_token, args.log_level
+                    )
                     for tree in args.tree
                 )
             )
@@ -146,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument(
         "--per-token", action="store_true", help="per paced token instead of per start"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        help="the gateway's `logging.level` (the suite's: warning; the default: info)",
     )
     asyncio.run(measure(parse_with_trees(parser, argv)))
     return 0

@@ -392,9 +392,9 @@ async def s5_scale(up: Proc, gw: Proc, quick: bool) -> Runs:
 #: direct's + 10 ms and inter-token p99 within ×1.1 of direct's, at that count.
 CAPACITY_TTFT_MS = 10.0
 CAPACITY_ITL = 1.1
-#: Where the search stops: the bracket is narrower than this share of its top.
-CAPACITY_PRECISION = 0.1
-#: Direct streams run beside every probe, at the same pace, as its baseline
+#: The counts tried, each by every target in turn before the next count.
+CAPACITY_LADDER = (25, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 700, 800, 1000)
+#: Direct streams run beside every probe, in the load generator's own loop
 #: (at most this many; as many as the probe's below it).
 CAPACITY_CANARIES = 20
 
@@ -408,99 +408,84 @@ def carried(direct: dict, through: dict) -> bool:
     )
 
 
-async def capacity_of(
-    up: Proc, target: Proc, transport: str, quick: bool
-) -> tuple[int, float, list[dict[str, float]]]:
-    """The largest count of paced streams `target` carries, found by doubling
-    then bisection; its CPU per 1,000 tokens at that count; and every probe.
+@dataclass
+class Climb:
+    """One target's way up the ladder: what it carried, and its misses in a row."""
 
-    Direct's baseline is measured alongside each probe, not before it: a few
-    direct streams (canaries) run through the same seconds, so a spell in
-    which this shared machine stalls every process (which moved the search's
-    answer threefold and more between runs while direct was measured apart) hits
-    the baseline as much as the target, and what is left is the target's own
-    lag."""
-    duration = 6 if quick else 12
-    probes: list[dict[str, float]] = []
-
-    async def probe(streams: int) -> tuple[bool, float]:
-        """A count that misses is tried once more: one noisy run must not end the search."""
-        options = {"tokens": 100, "duration_s": duration, "ramp_s": 1}
-        canaries = min(streams, CAPACITY_CANARIES)
-        for _ in range(2):
-            through, direct = await asyncio.gather(
-                load(target, target.url, transport, "paced-20", concurrency=streams, **options),
-                load(up, up.url, "openai", "paced-20", concurrency=canaries, **options),
-            )
-            cpu = through["cpu_s"] * 1e6 / max(1, through["tokens"])
-            ok = carried(direct, through)
-            probes.append(
-                {
-                    "streams": float(streams),
-                    "carried": float(ok),
-                    "errors": errors_of(through),
-                    "added TTFT p99 ms": (through["ttft_p99_s"] - direct["ttft_p99_s"]) * 1000,
-                    "ITL p99 vs direct": through["itl_p99_s"] / max(1e-9, direct["itl_p99_s"]),
-                }
-            )
-            if ok:
-                return True, cpu
-        return False, cpu
-
-    low, high, cpu_at_low = 0, 50, 0.0
-    while True:  # double until a count is not carried
-        ok, cpu = await probe(high)
-        if not ok:
-            break
-        low, cpu_at_low, high = high, cpu, high * 2
-        if high > 4_000:
-            return low, cpu_at_low, probes
-    while high - low > max(10, CAPACITY_PRECISION * high):
-        middle = (low + high) // 2
-        ok, cpu = await probe(middle)
-        if ok:
-            low, cpu_at_low = middle, cpu
-        else:
-            high = middle
-    return low, cpu_at_low, probes
-
-
-def print_probes(name: str, probes: list[dict[str, float]]) -> None:
-    """Each probe of a search, on stderr: a count's answer is read with its margins."""
-    for p in probes:
-        print(
-            f"# capacity {name}: {p['streams']:.0f} streams "
-            f"{'carried' if p['carried'] else 'missed'}: TTFT p99 "
-            f"{p['added TTFT p99 ms']:+.1f} ms, ITL p99 ×{p['ITL p99 vs direct']:.2f} "
-            f"of direct's, {p['errors']:.0f} errors",
-            file=sys.stderr,
-            flush=True,
-        )
+    target: Proc
+    transport: str
+    carried: int = 0
+    cpu_ms_per_1k: float = 0.0
+    misses_in_a_row: int = 0
 
 
 async def capacity(up: Proc, gw: Proc, quick: bool) -> Runs:
-    """Issue 19's yardstick: streams carried through the gateway against the relay's."""
+    """Issue 19's yardstick: streams carried through the gateway against the relay's.
+
+    Every target climbs one ladder of counts, all of them at one count before
+    any goes to the next, so that a slow spell of this shared machine (which
+    moved a per-target search's answer threefold and more between runs) meets
+    every target near the same count. A target is out after two misses in a
+    row: one miss, then a higher count carried, was the spell's. Direct's
+    baseline is measured alongside each probe, not apart: canary streams
+    straight to the upstream in the load generator's own loop, through the same
+    seconds, so that what the machine, the upstream and the load generator gave
+    meanwhile is in both, and what is left is the target's own lag."""
     assert up.relay is not None and up.floor is not None
-    relay, relay_cpu, probes = await capacity_of(up, up.relay, "openai", quick)
-    print_probes("relay floor", probes)
-    rows: Runs = {
-        "capacity relay floor": {"streams": float(relay), "CPU ms per 1k tokens": relay_cpu}
-    }
-    floor, floor_cpu, probes = await capacity_of(up, up.floor, "openai", quick)
-    print_probes("aiohttp floor", probes)
-    rows["capacity aiohttp floor"] = {
-        "streams": float(floor),
-        "floor vs relay": floor / max(1, relay),
-        "CPU ms per 1k tokens": floor_cpu,
-    }
+    climbs = {"relay floor": Climb(up.relay, "openai"), "aiohttp floor": Climb(up.floor, "openai")}
     for transport in [t for t in TRANSPORTS_CHOSEN if t in ("openai", "sse")]:
-        streams, cpu, probes = await capacity_of(up, gw, transport, quick)
-        print_probes(transport, probes)
+        climbs[transport] = Climb(gw, transport)
+    duration = 6 if quick else 12
+    for streams in CAPACITY_LADDER:
+        climbing = {name: c for name, c in climbs.items() if c.misses_in_a_row < 2}
+        if not climbing:
+            break
+        for name, climb in climbing.items():
+            through = await load(
+                climb.target,
+                climb.target.url,
+                climb.transport,
+                "paced-20",
+                concurrency=streams,
+                tokens=100,
+                duration_s=duration,
+                ramp_s=1,
+                canaries=min(streams, CAPACITY_CANARIES),
+                canary_url=up.url,
+            )
+            direct = through["canaries"]
+            ok = carried(direct, through)
+            print(
+                f"# capacity {name}: {streams} streams {'carried' if ok else 'missed'}: "
+                f"TTFT p99 {(through['ttft_p99_s'] - direct['ttft_p99_s']) * 1000:+.1f} ms, "
+                f"ITL p99 ×{through['itl_p99_s'] / max(1e-9, direct['itl_p99_s']):.2f} "
+                f"of the canaries', {errors_of(through):.0f} errors",
+                file=sys.stderr,
+                flush=True,
+            )
+            if ok:
+                climb.carried, climb.misses_in_a_row = streams, 0
+                climb.cpu_ms_per_1k = through["cpu_s"] * 1e6 / max(1, through["tokens"])
+            else:
+                climb.misses_in_a_row += 1
+    relay, floor = climbs.pop("relay floor"), climbs.pop("aiohttp floor")
+    rows: Runs = {
+        "capacity relay floor": {
+            "streams": float(relay.carried),
+            "CPU ms per 1k tokens": relay.cpu_ms_per_1k,
+        },
+        "capacity aiohttp floor": {
+            "streams": float(floor.carried),
+            "floor vs relay": floor.carried / max(1, relay.carried),
+            "CPU ms per 1k tokens": floor.cpu_ms_per_1k,
+        },
+    }
+    for transport, climb in climbs.items():
         rows[f"capacity {transport}"] = {
-            "streams": float(streams),
-            "vs relay": streams / max(1, relay),
-            "vs aiohttp floor": streams / max(1, floor),
-            "CPU ms per 1k tokens": cpu,
+            "streams": float(climb.carried),
+            "vs relay": climb.carried / max(1, relay.carried),
+            "vs aiohttp floor": climb.carried / max(1, floor.carried),
+            "CPU ms per 1k tokens": climb.cpu_ms_per_1k,
         }
     return rows
 
