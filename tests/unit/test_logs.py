@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import orjson
+
 from gateway.logs import JsonFormatter, TextFormatter
 
 
@@ -31,3 +33,19 @@ def test_text_lines_carry_the_extra_fields() -> None:
     assert line == (
         "INFO gateway.access: request route=/v1/stream/sse status=200 outcome=completed"
     )
+
+
+def test_json_lines_carry_each_records_own_time() -> None:
+    """The formatted second is reused within a second, never across one."""
+    formatter = JsonFormatter()
+    lines = []
+    for created in (1_764_720_000.25, 1_764_720_000.5, 1_764_720_001.125, 1_764_720_000.75):
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "m", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        lines.append(orjson.loads(formatter.format(record))["ts"])
+    assert lines == [
+        "2025-12-03T00:00:00.250Z",
+        "2025-12-03T00:00:00.500Z",
+        "2025-12-03T00:00:01.125Z",
+        "2025-12-03T00:00:00.750Z",
+    ]
