@@ -185,7 +185,7 @@ class Lease:
         """`release`, done at once when no shared backend must be awaited (no
         limits, or limits kept in this process's memory); False: await `release`.
 
-        A stream's end then needs no task for it (one a stream, for nothing to await)."""
+        A stream's end then creates no task just to release its lease."""
         if self.released:
             return True
         if self.limiter is not None and not self.limiter.release_now(self, used_tokens):

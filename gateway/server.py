@@ -52,17 +52,17 @@ _TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 
 def drop_silent_peers(runner: web.BaseRunner, timeout_s: float) -> None:
-    """`SO_KEEPALIVE` and `TCP_USER_TIMEOUT` = `timeout_s` (`streams.write_timeout_s`)
-    on the listening sockets, which every connection accepted after it inherits
-    (Linux).
+    """`TCP_USER_TIMEOUT` = `timeout_s` (`streams.write_timeout_s`, Linux) and
+    `SO_KEEPALIVE` on the listening sockets, which every connection accepted
+    after it inherits.
 
-    Keep-alive probes find an idle peer that vanished; aiohttp would set them
-    per connection (`tcp_keepalive`, off in `run`), at two system calls and a
-    socket wrapper per stream start.
+    Keep-alive probes find an idle peer that vanished. aiohttp would turn them
+    on per connection (its `tcp_keepalive`, off in `run`): a `getsockname` and
+    a `setsockopt` through uvloop's socket wrapper per stream start.
 
-    A peer that stops acknowledging (a laptop shut, a network gone, with no FIN
-    or RST) is then dropped by the kernel once sent data has waited that long,
-    before the socket's send buffer (tens of kilobytes to megabytes) has
+    With the user timeout, a peer that stops acknowledging (a laptop shut, a
+    network gone, with no FIN or RST) is dropped by the kernel once sent data
+    has waited that long, before the socket's send buffer (tens of kilobytes to megabytes) has
     filled up and let the sink's watchdog see a pending write; without it
     Linux retransmits for about 15 minutes, and the generation runs on. Set
     on the listener, not per stream: through uvloop's socket wrapper a
