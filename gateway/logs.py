@@ -6,6 +6,7 @@ logged anywhere (by us or a library) never leaks the credential.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -17,11 +18,23 @@ from aiohttp.http_exceptions import HttpProcessingError
 from gateway.auth import redact_tokens
 from gateway.config import LoggingSettings
 
+_HEAD = vars(logging.LogRecord("", 0, "", 0, "", None, None))
 #: LogRecord attributes that are not user-supplied `extra` fields.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message",
-    "asctime",
-}
+_STANDARD = frozenset(_HEAD) | {"message", "asctime"}
+#: How many attributes a record has before its `extra` fields, which
+#: `Logger.makeRecord` sets after `LogRecord.__init__` sets these.
+_HEAD_SIZE = len(_HEAD)
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's `extra` fields, in the order given.
+
+    The standard head is skipped by position (a dict keeps insertion order)
+    instead of testing each of its ~25 names, which was 4 µs of a JSON access
+    line's 10. What is set on the record later (a formatter's `message`) is
+    still left out by name."""
+    items = itertools.islice(vars(record).items(), _HEAD_SIZE, None)
+    return {key: value for key, value in items if key not in _STANDARD}
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,7 +62,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        entry.update(extra_fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return redact_tokens(orjson.dumps(entry, default=str).decode())
@@ -60,7 +73,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = [f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD]
+        extra = [f"{k}={v}" for k, v in extra_fields(record).items()]
         return redact_tokens(" ".join([line, *extra]))
 
 

@@ -6,7 +6,7 @@ import logging
 
 import orjson
 
-from gateway.logs import JsonFormatter, TextFormatter
+from gateway.logs import JsonFormatter, TextFormatter, extra_fields
 
 
 def test_log_lines_never_carry_an_access_token() -> None:
@@ -49,3 +49,18 @@ def test_json_lines_carry_each_records_own_time() -> None:
         "2025-12-03T00:00:01.125Z",
         "2025-12-03T00:00:00.750Z",
     ]
+
+
+def test_the_extra_fields_are_exactly_those_given() -> None:
+    """Whatever set on the record after them (another handler's formatter adds
+    `message` and `asctime`) is no extra field, and no standard one is."""
+    logger = logging.getLogger("t.extra")
+    extra = {"route": "/v1/stream/sse", "status": 200, "client_ip": "127.0.0.1"}
+    record = logger.makeRecord(
+        "t.extra", logging.INFO, __file__, 1, "request", (), None, extra=extra
+    )
+    logging.Formatter("%(asctime)s %(message)s").format(record)
+    assert extra_fields(record) == extra
+    line = orjson.loads(JsonFormatter().format(record))
+    assert {k: line[k] for k in extra} == extra
+    assert set(line) == {"ts", "level", "logger", "message", *extra}
